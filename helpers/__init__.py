@@ -1,0 +1,23 @@
+"""esma: paraspinal muscle asymmetry from lumbar MRI.
+
+Modules
+-------
+nifti      NIfTI I/O and geometry checks
+labels     label files; left/right from anatomy
+fat        bias-field correction and fat classification
+metrics    CSA, fat infiltration, FCSA per slice / level / stack; CDI and LFIAR
+synthetic  phantoms and cohorts with planted truth
+scores     ODI, SRS-22r, VAS, JOA from item-level answers
+stats      Table 1, correlations, FDR, agreement
+segment    nnU-Net v2 prediction
+pipeline   papermill runner and reports
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("esma")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]

@@ -1,0 +1,210 @@
+"""NIfTI input and output, geometry checks.  I/O only: no science here.
+
+Images are read with nibabel, which gives the voxel-to-world affine in RAS+ (+x is the patient's
+right, +y anterior, +z superior) whatever the storage order on disk.  Everything that needs
+left/right or up/down uses that affine, never array order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from numpy.typing import NDArray
+
+from helpers.errors import GeometryMismatchError, InputFileError
+from helpers.files import atomic_path
+
+__all__ = [
+    "AFFINE_TOLERANCE_MM",
+    "Volume",
+    "check_same_grid",
+    "load_image",
+    "load_mask",
+    "save_like",
+    "subject_from_filename",
+    "voxel_area_mm2",
+]
+
+#: Largest difference between two affines (mm, any entry) still taken as the same grid.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3-D array with its geometry.
+
+    Attributes
+    ----------
+    data : ndarray
+        Voxel values, float32 for images, an integer type for label masks.
+    affine : ndarray, shape (4, 4)
+        Voxel index to RAS+ world coordinates (mm).
+    path : Path or None
+        File it was read from, for messages.
+    """
+
+    data: NDArray
+    affine: NDArray[np.float64]
+    path: Path | None = None
+
+    @property
+    def zooms_mm(self) -> tuple[float, float, float]:
+        """Voxel edge lengths (mm) along the three array axes."""
+        return tuple(float(z) for z in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        """Orientation codes of the array axes, e.g. ``('L', 'P', 'S')``."""
+        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+
+
+def subject_from_filename(path: str | Path) -> str:
+    """Subject ID from an image file name: drops ``.nii(.gz)``, ``_0000`` and ``_T2w``.
+
+    Examples
+    --------
+    >>> subject_from_filename("/data/sub-0001_T2w.nii.gz")
+    'sub-0001'
+    >>> subject_from_filename("case7_0000.nii.gz")
+    'case7'
+    """
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    for tag in ("_0000", "_T2w"):
+        if name.endswith(tag):
+            name = name[: -len(tag)]
+    return name
+
+
+def _read(path: str | Path) -> tuple[nib.Nifti1Image, NDArray]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "file not found")
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        msg = f"unreadable or truncated NIfTI ({type(exc).__name__}: {exc})"
+        raise InputFileError(path, msg) from exc
+    except Exception as exc:  # nibabel raises a zoo of types on corrupt headers
+        msg = f"not a readable NIfTI file ({type(exc).__name__}: {exc})"
+        raise InputFileError(path, msg) from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        msg = f"expected a 3-D volume, got {data.ndim}-D data of shape {data.shape}"
+        raise InputFileError(path, msg)
+    if not np.all(np.isfinite(img.affine)):
+        raise InputFileError(path, "affine contains NaN or infinity")
+    return img, data
+
+
+def load_image(path: str | Path) -> Volume:
+    """Read a 3-D intensity image as float32 with its RAS+ affine.
+
+    Raises
+    ------
+    InputFileError
+        Missing, unreadable or truncated file; not 3-D; NaN/inf intensities; constant image.
+    """
+    img, data = _read(path)
+    scaled = np.asarray(img.dataobj.get_scaled() if hasattr(img.dataobj, "get_scaled") else data)
+    if scaled.ndim == 4:
+        scaled = scaled[..., 0]
+    values = scaled.astype(np.float32, copy=False)
+    n_bad = int(np.count_nonzero(~np.isfinite(values)))
+    if n_bad:
+        raise InputFileError(path, f"{n_bad} voxels are NaN or infinite")
+    if values.size == 0 or float(values.max()) == float(values.min()):
+        raise InputFileError(path, "image is constant (no contrast to measure)")
+    return Volume(values, img.affine.astype(np.float64), Path(path))
+
+
+def load_mask(path: str | Path) -> Volume:
+    """Read a 3-D label mask as an integer array (no float scaling) with its RAS+ affine.
+
+    Raises
+    ------
+    InputFileError
+        Missing, unreadable, not 3-D, or holding non-integer / negative values.
+    """
+    img, data = _read(path)
+    arr = np.asarray(data)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)):
+            raise InputFileError(path, "mask contains NaN or infinite values")
+        rounded = np.rint(arr)
+        if np.any(np.abs(arr - rounded) > 1e-3):
+            raise InputFileError(path, "mask holds non-integer values; expected integer labels")
+        arr = rounded
+    if arr.size and arr.min() < 0:
+        raise InputFileError(path, f"mask holds negative label {int(arr.min())}")
+    return Volume(arr.astype(np.int16, copy=False), img.affine.astype(np.float64), Path(path))
+
+
+def check_same_grid(
+    reference: Volume, other: Volume, tolerance_mm: float = AFFINE_TOLERANCE_MM
+) -> None:
+    """Raise unless two volumes share shape and affine (within ``tolerance_mm``).
+
+    Raises
+    ------
+    GeometryMismatchError
+        Naming ``other``'s file, the two shapes or the largest affine difference.
+    """
+    where = other.path or Path("<array>")
+    ref_name = reference.path.name if reference.path else "the image"
+    if reference.data.shape != other.data.shape:
+        msg = f"grid mismatch: shape {other.data.shape} differs from {ref_name} {reference.data.shape}"
+        raise GeometryMismatchError(where, msg)
+    diff = float(np.max(np.abs(reference.affine - other.affine)))
+    if diff > tolerance_mm:
+        msg = (
+            f"grid mismatch: affine differs from {ref_name} by up to {diff:.4g} mm "
+            f"(tolerance {tolerance_mm} mm)"
+        )
+        raise GeometryMismatchError(where, msg)
+
+
+def voxel_area_mm2(affine: NDArray[np.float64], slice_axis: int) -> float:
+    """In-plane voxel area (mm2) of slices taken across ``slice_axis``.
+
+    Uses the two in-plane column vectors of the affine, so sheared or oblique grids are handled.
+
+    Examples
+    --------
+    >>> voxel_area_mm2(np.diag([0.5, 2.0, 4.0, 1.0]), slice_axis=2)
+    1.0
+    """
+    cols = [affine[:3, i] for i in range(3) if i != slice_axis]
+    return float(np.linalg.norm(np.cross(cols[0], cols[1])))
+
+
+def save_like(data: NDArray, reference: Volume | nib.Nifti1Image, target: str | Path) -> Path:
+    """Write ``data`` atomically on the grid of ``reference`` (same affine, qform and sform).
+
+    Integer data is stored as uint8/int16 (labels), floats as float32.
+    """
+    if isinstance(reference, Volume):
+        affine = reference.affine
+    else:
+        affine = reference.affine
+    arr = np.asarray(data)
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
+        arr = arr.astype(np.uint8 if arr.size == 0 or arr.max() < 256 else np.int16)
+    else:
+        arr = arr.astype(np.float32)
+    img = nib.Nifti1Image(arr, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(target) as tmp:
+        nib.save(img, tmp)
+    return Path(target)
