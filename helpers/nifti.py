@@ -26,6 +26,7 @@ __all__ = [
     "load_image",
     "load_mask",
     "save_like",
+    "slice_axis",
     "subject_from_filename",
     "voxel_area_mm2",
 ]
@@ -172,6 +173,22 @@ def check_same_grid(
             f"(tolerance {tolerance_mm} mm)"
         )
         raise GeometryMismatchError(where, msg)
+
+
+def slice_axis(affine: NDArray[np.float64]) -> int:
+    """Array axis that runs closest to the world superior-inferior (z) direction.
+
+    Axial slices are cut across this axis, whatever order the file stores its axes in.
+
+    Examples
+    --------
+    >>> slice_axis(np.diag([0.9, 0.9, 4.4, 1.0]))
+    2
+    >>> slice_axis(np.array([[0, 0, 1, 0], [0, 4.4, 0, 0], [0.9, 0, 0, 0], [0, 0, 0, 1.0]]))
+    0
+    """
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return int(np.argmax(np.abs(directions[2])))
 
 
 def voxel_area_mm2(affine: NDArray[np.float64], slice_axis: int) -> float:
