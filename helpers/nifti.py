@@ -80,8 +80,7 @@ def subject_from_filename(path: str | Path) -> str:
             name = name[: -len(suffix)]
             break
     for tag in ("_0000", "_T2w"):
-        if name.endswith(tag):
-            name = name[: -len(tag)]
+        name = name.removesuffix(tag)
     return name
 
 
@@ -105,6 +104,8 @@ def _read(path: str | Path) -> tuple[nib.Nifti1Image, NDArray]:
         raise InputFileError(path, msg)
     if not np.all(np.isfinite(img.affine)):
         raise InputFileError(path, "affine contains NaN or infinity")
+    if abs(float(np.linalg.det(img.affine[:3, :3]))) < 1e-9:
+        raise InputFileError(path, "affine is singular (a zero voxel size or collapsed axes)")
     return img, data
 
 
@@ -135,7 +136,8 @@ def load_mask(path: str | Path) -> Volume:
     Raises
     ------
     InputFileError
-        Missing, unreadable, not 3-D, or holding non-integer / negative values.
+        Missing, unreadable, not 3-D, or holding non-integer / negative values or labels above
+        32767.
     """
     img, data = _read(path)
     arr = np.asarray(data)
@@ -148,6 +150,9 @@ def load_mask(path: str | Path) -> Volume:
         arr = rounded
     if arr.size and arr.min() < 0:
         raise InputFileError(path, f"mask holds negative label {int(arr.min())}")
+    if arr.size and arr.max() > np.iinfo(np.int16).max:
+        raise InputFileError(path, f"mask holds label {int(arr.max())}; labels above 32767 "
+                                   "are not supported")
     return Volume(arr.astype(np.int16, copy=False), img.affine.astype(np.float64), Path(path))
 
 
@@ -208,7 +213,8 @@ def voxel_area_mm2(affine: NDArray[np.float64], slice_axis: int) -> float:
 def save_like(data: NDArray, reference: Volume | nib.Nifti1Image, target: str | Path) -> Path:
     """Write ``data`` atomically on the grid of ``reference`` (same affine, qform and sform).
 
-    Integer data is stored as uint8/int16 (labels), floats as float32.
+    Integer data is stored in the smallest of uint8, int16, uint16, int32 (int64) that holds its
+    range (labels: uint8), floats as float32.
     """
     if isinstance(reference, Volume):
         affine = reference.affine
@@ -216,7 +222,13 @@ def save_like(data: NDArray, reference: Volume | nib.Nifti1Image, target: str | 
         affine = reference.affine
     arr = np.asarray(data)
     if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
-        arr = arr.astype(np.uint8 if arr.size == 0 or arr.max() < 256 else np.int16)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        for dtype in (np.uint8, np.int16, np.uint16, np.int32):
+            if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+                break
+        else:
+            dtype = np.int64
+        arr = arr.astype(dtype)
     else:
         arr = arr.astype(np.float32)
     img = nib.Nifti1Image(arr, affine)
