@@ -1,0 +1,179 @@
+"""The widget browser built headlessly: clicks write the decisions file, sliders redraw."""
+
+from __future__ import annotations
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import qc, viewer
+from helpers.errors import EsmaError
+from helpers.labels import Label, LabelTable
+
+widgets = pytest.importorskip("ipywidgets")
+
+LABELS = LabelTable((Label(1, "multifidus", "right"), Label(2, "multifidus", "left")))
+
+
+def _subject(folder, subject: str, codes: str, n_slices: int) -> tuple:
+    mask = np.zeros((30, 24, n_slices), dtype=np.uint8)
+    mask[6:11, 12:18, 1:-1] = 1  # patient's right in L-P-S storage
+    mask[18:23, 12:18, 1:-1] = 2
+    mask[6:11, 12:18, 2] = 0  # slice 2: right label missing, left present
+    image = (np.random.default_rng(1).normal(100, 5, mask.shape) + 300 * (mask > 0)).astype(
+        np.float32
+    )
+    affine = np.diag([-2.0, -2.0, 5.0, 1.0])
+    img = nib.Nifti1Image(image, affine)
+    msk = nib.Nifti1Image(mask, affine)
+    if codes != "LPS":
+        from helpers.synthetic import reorient
+
+        img, msk = reorient(img, codes), reorient(msk, codes)
+    nib.save(img, folder / f"{subject}_T2w.nii.gz")
+    nib.save(msk, folder / f"{subject}_dseg.nii.gz")
+    return subject, folder / f"{subject}_T2w.nii.gz", folder / f"{subject}_dseg.nii.gz"
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    rows = [_subject(tmp_path, "sub-01", "LPS", 6), _subject(tmp_path, "sub-02", "RAS", 9)]
+    cases = pd.DataFrame(rows, columns=["subject", "image", "mask"])
+    table = qc._frame(
+        [
+            qc._row("sub-01", "all", "coverage", "pass", 4, "slices 1-4"),
+            qc._row(
+                "sub-02",
+                "L4",
+                "fragmentation",
+                "flag",
+                0.6,
+                "in 2 pieces on slice 3",
+                muscle="multifidus",
+                side="left",
+            ),
+        ]
+    )
+    decisions = tmp_path / "qc_decisions.csv"
+    qc.init_decisions(qc.summarize_qc(table), decisions)
+    return cases, table, decisions
+
+
+def test_browser_tree_and_initial_draw(cohort):
+    cases, table, decisions = cohort
+    b = viewer.browse(cases, decisions, LABELS, qc=table, reviewer="Dr. T")
+    assert isinstance(b.widget, widgets.VBox)
+    assert list(b.subject.options) == ["sub-01", "sub-02"]
+    assert (b.slice.min, b.slice.max) == (0, 5)
+    assert b.image.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b.draw_count == 1
+    assert "QC: pass" in b.findings.value
+    assert "include" in b.decision.value
+
+    # every control sits in the displayed tree
+    def walk(w):
+        yield w
+        for c in getattr(w, "children", ()):
+            yield from walk(c)
+
+    tree = set(map(id, walk(b.widget)))
+    for w in (
+        b.subject,
+        b.slice,
+        b.opacity,
+        b.include_button,
+        b.exclude_button,
+        b.image,
+        b.reviewer,
+        b.reason,
+    ):
+        assert id(w) in tree
+
+
+def test_sliders_and_subject_change_redraw(cohort):
+    cases, table, decisions = cohort
+    b = viewer.browse(cases, decisions, LABELS, qc=table, reviewer="Dr. T")
+    first = b.image.value
+    b.slice.value = 2 if b.slice.value != 2 else 3
+    assert b.draw_count == 2
+    assert b.image.value != first
+    before = b.image.value
+    b.opacity.value = 0.0
+    assert b.draw_count == 3
+    assert b.image.value != before
+    assert b.message.value == ""
+    b.subject.value = "sub-02"  # stored R-A-S, 9 slices
+    assert b.slice.max == 8
+    assert b.draw_count == 4
+    assert "fragmentation" in b.findings.value
+    assert "flag" in b.findings.value
+
+
+def test_buttons_write_the_decisions_file(cohort):
+    cases, table, decisions = cohort
+    b = viewer.browse(cases, decisions, LABELS, qc=table, reviewer="Dr. T")
+    b.subject.value = "sub-02"
+    b.reason.value = "left multifidus split"
+    b.exclude_button.click()
+    d = qc.read_decisions(decisions).set_index("subject")
+    assert (d.loc["sub-02", "decision"], d.loc["sub-02", "reviewer"]) == ("exclude", "Dr. T")
+    assert d.loc["sub-02", "reason"] == "left multifidus split"
+    assert d.loc["sub-01", "reviewer"] == "auto-qc"  # other rows untouched
+    assert "exclude" in b.decision.value
+    assert "Saved" in b.message.value
+    assert qc.excluded_subjects(decisions)["subject"].tolist() == ["sub-02"]
+
+    b.include_button.click()
+    assert qc.read_decisions(decisions).set_index("subject").loc["sub-02", "decision"] == "include"
+
+    b.reviewer.value = ""
+    stamp = decisions.read_bytes()
+    b.exclude_button.click()
+    assert decisions.read_bytes() == stamp
+    assert "reviewer" in b.message.value
+
+
+def test_browser_accepts_a_mapping_and_reports_bad_files(tmp_path):
+    s, image, mask = _subject(tmp_path, "sub-01", "LPS", 5)
+    (tmp_path / "broken.nii.gz").write_bytes(b"junk")
+    b = viewer.browse(
+        {s: (image, mask), "sub-x": (tmp_path / "broken.nii.gz", mask)},
+        tmp_path / "d.csv",
+        LABELS,
+        reviewer="R",
+    )
+    b.subject.value = "sub-x"
+    assert "broken.nii.gz" in b.message.value
+    b.include_button.click()  # a decision can still be recorded for an unreadable subject
+    assert qc.read_decisions(tmp_path / "d.csv")["subject"].tolist() == ["sub-x"]
+    with pytest.raises(EsmaError, match="lacks the column"):
+        viewer.browse(pd.DataFrame({"subject": ["a"]}), tmp_path / "d.csv", LABELS)
+
+
+def test_view_3d_without_itkwidgets_gives_a_clear_message(tmp_path, monkeypatch):
+    _, image, mask = _subject(tmp_path, "sub-01", "LPS", 4)
+    monkeypatch.setitem(sys.modules, "itkwidgets", None)  # import fails
+    out = viewer.view_3d(image, mask)
+    assert isinstance(out, viewer.Unavailable)
+    assert "itkwidgets is not installed" in out.message
+    assert "browse" in out._repr_html_()
+
+
+def test_itkwidgets_support_report():
+    info = viewer.itkwidgets_support()
+    assert set(info) >= {"version", "jupyterlab", "labextension", "nbextension", "note"}
+    if info["version"] is None:
+        assert info["note"] == "itkwidgets is not installed"
+    elif not info["labextension"] and info["nbextension"]:
+        assert "classic Notebook" in info["note"]
+
+
+def test_view_3d_builds_an_itkwidgets_viewer(tmp_path):
+    pytest.importorskip("itkwidgets")
+    _, image, mask = _subject(tmp_path, "sub-01", "LPS", 4)
+    out = viewer.view_3d(image, mask)
+    assert not isinstance(out, viewer.Unavailable)
+    assert type(out).__module__.startswith("itkwidgets")
