@@ -1,0 +1,202 @@
+"""Accuracy of every fat classification method on phantoms with planted truth.
+
+Runs :func:`helpers.metrics.measure` with each method of :data:`helpers.fat.FAT_METHODS`, with
+and without N4 bias correction, and with psoas in or out of the pooled reference fit, on the
+same set of synthetic lumbar phantoms (both orientations, left-right bias fields up to +-30 %,
+chosen fat and area asymmetries, one lean subject, one noisy one, one off-centre rotated one).
+Compares every number with the phantom truth and writes the table to
+``benchmarks/results/fat_methods.json``; the default method (:data:`helpers.fat.DEFAULT_FAT_METHOD`)
+is the one with the smallest fat error there.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_fat_methods.py [--quick]
+
+``--quick`` uses three phantoms instead of six.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np
+import pandas as pd
+
+from helpers import fat
+from helpers.metrics import MetricsSettings, measure
+from helpers.nifti import Volume
+from helpers.synthetic import make_phantom
+
+RESULTS = Path(__file__).resolve().parent / "results" / "fat_methods.json"
+
+#: The phantom set: (subject, make_phantom keyword arguments).
+PHANTOMS: list[tuple[str, dict]] = [
+    ("asym-lps", {"seed": 11, "orientation": "LPS", "bias_lr": 0.3, "fat_pct": {
+        ("multifidus", "left"): 18, ("multifidus", "right"): 9,
+        ("erector_spinae", "left"): 9, ("erector_spinae", "right"): 14,
+        ("psoas_major", "left"): 3, ("psoas_major", "right"): 3,
+        ("quadratus_lumborum", "left"): 6, ("quadratus_lumborum", "right"): 10},
+        "cdi": {"multifidus": -0.15}}),
+    ("asym-ras", {"seed": 12, "orientation": "RAS", "bias_lr": -0.3, "fat_pct": {
+        ("multifidus", "left"): 6, ("multifidus", "right"): 12,
+        ("erector_spinae", "left"): 20, ("erector_spinae", "right"): 12,
+        ("psoas_major", "left"): 2, ("psoas_major", "right"): 4,
+        ("quadratus_lumborum", "left"): 12, ("quadratus_lumborum", "right"): 6},
+        "cdi": {"erector_spinae": 0.12}}),
+    ("lean-las", {"seed": 13, "orientation": "LAS", "bias_lr": 0.2, "fat_pct": {
+        (m, s): p for m, p in (("multifidus", 3), ("erector_spinae", 2.5), ("psoas_major", 1.5),
+                               ("quadratus_lumborum", 2)) for s in ("left", "right")}}),
+    ("fatty-shifted", {"seed": 14, "orientation": "LPS", "bias_lr": -0.15, "shift_mm": (15.0, 5.0),
+                           "rotation_deg": 8.0, "fat_pct": {
+        ("multifidus", "left"): 35, ("multifidus", "right"): 25,
+        ("erector_spinae", "left"): 30, ("erector_spinae", "right"): 40,
+        ("psoas_major", "left"): 6, ("psoas_major", "right"): 5,
+        ("quadratus_lumborum", "left"): 15, ("quadratus_lumborum", "right"): 20}}),
+    ("default-ras", {"seed": 15, "orientation": "RAS", "bias_lr": 0.25,
+                         "cdi": {"quadratus_lumborum": 0.25}}),
+    ("noisy-lps", {"seed": 16, "orientation": "LPS", "bias_lr": 0.3, "snr": 15.0, "fat_pct": {
+        ("multifidus", "left"): 10, ("multifidus", "right"): 16}}),
+]
+QUICK = ("asym-lps", "asym-ras", "lean-las")
+
+
+def _volumes(ph):
+    img = Volume(np.asarray(ph.image.dataobj, dtype=np.float32), ph.image.affine)
+    msk = Volume(np.asarray(ph.mask.dataobj).astype(np.int16), ph.mask.affine)
+    return img, msk
+
+
+def compare(result, ph) -> dict[str, float]:
+    """Errors of one measurement against the phantom's truth (aggregate rows)."""
+    keys = ["level", "muscle", "side"]
+    got = result.metrics[result.metrics["slice"].isna()]
+    truth = ph.truth[ph.truth["slice"].isna()]
+    m = got.merge(truth, on=keys, suffixes=("", "_t"))
+    m = m[m["fat_pct_t"].notna()]
+    err = m["fat_pct"] - m["fat_pct_t"]
+    paraspinal = ~m["muscle"].str.contains("psoas")
+    a = result.asymmetry.merge(ph.asymmetry, on=["level", "muscle"], suffixes=("", "_t"))
+    a = a[a["cdi_t"].notna()]
+    cdi_err = (a["cdi"] - a["cdi_t"]).abs()
+    rel = (a["lfiar"] / a["lfiar_t"] - 1).abs()
+    a_whole = a["level"] == "all"
+    # Sides: a swap flips the sign of a clear asymmetry (|CDI| > 0.02, or fat differing by more
+    # than 1 percentage point between the sides).
+    fi_t = truth.pivot_table(index=["level", "muscle"], columns="side", values="fat_pct")
+    d_t = (fi_t["left"] - fi_t["right"]).rename("d_t").reset_index()
+    a = a.assign(d=a["fat_pct_left"] - a["fat_pct_right"]).merge(d_t, on=["level", "muscle"])
+    clear_cdi = a["cdi_t"].abs() > 0.02
+    clear_fi = a["d_t"].abs() > 1.0
+    swapped = int(
+        (np.sign(a.loc[clear_cdi, "cdi"]) != np.sign(a.loc[clear_cdi, "cdi_t"])).sum()
+        + (np.sign(a.loc[clear_fi, "d"]) != np.sign(a.loc[clear_fi, "d_t"])).sum()
+    )
+    whole = m["level"] == "all"
+    return {
+        "fat_mae_pp": float(err.abs().mean()),
+        "fat_mae_pp_whole_stack": float(err[whole].abs().mean()),
+        "fat_mae_pp_paraspinal": float(err[paraspinal].abs().mean()),
+        "fat_bias_pp": float(err.mean()),
+        "fat_max_abs_pp": float(err.abs().max()),
+        "csa_max_abs_mm2": float((m["csa_mm2"] - m["csa_mm2_t"]).abs().max()),
+        "cdi_abs_err_max": float(cdi_err.max()),
+        "cdi_abs_err_max_whole_stack": float(cdi_err[a_whole].max()),
+        "cdi_abs_err_mean": float(cdi_err.mean()),
+        "lfiar_rel_err_median": float(rel.median()),
+        "lfiar_rel_err_median_whole_stack": float(rel[a_whole].median()),
+        "lfiar_rel_err_p90": float(rel.quantile(0.9)),
+        "sides_swapped": swapped,
+        "n_rows": len(m),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="three phantoms instead of six")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    except ImportError:  # pragma: no cover
+        pass
+    phantoms = [(n, kw) for n, kw in PHANTOMS if not args.quick or n in QUICK]
+    configs = [(m, True, False) for m in fat.FAT_METHODS]
+    configs += [(m, True, True) for m in fat.FAT_METHODS]
+    configs += [(m, False, False) for m in fat.FAT_METHODS]
+    rows = []
+    t_all = time.perf_counter()
+    for name, kw in phantoms:
+        t0 = time.perf_counter()
+        ph = make_phantom(name, **kw)
+        print(f"{name}: phantom in {time.perf_counter() - t0:.1f} s", flush=True)
+        img, msk = _volumes(ph)
+        for method, bc, pool in configs:
+            settings = MetricsSettings(fat_method=method, bias_correction=bc, pool_psoas=pool)
+            t0 = time.perf_counter()
+            res = measure(img, msk, ph.labels, subject=name, settings=settings, levels=ph.levels)
+            secs = time.perf_counter() - t0
+            errs = compare(res, ph)
+            collapsed = any(f.get("collapsed") for f in res.reference["fits"])
+            rows.append({"phantom": name, "method": method, "bias_correction": bc,
+                         "pool_psoas": pool, "collapsed": collapsed, "seconds": secs, **errs})
+            print(f"  {method:8s} bc={bc!s:5s} psoas={pool!s:5s} fat MAE "
+                  f"{errs['fat_mae_pp']:.2f} pp, cdi max {errs['cdi_abs_err_max']:.4f}, "
+                  f"lfiar med {errs['lfiar_rel_err_median']:.3f}, swapped "
+                  f"{errs['sides_swapped']}", flush=True)
+    table = pd.DataFrame(rows)
+    agg_cols = ["fat_mae_pp", "fat_mae_pp_whole_stack", "fat_mae_pp_paraspinal", "fat_bias_pp",
+                "fat_max_abs_pp", "csa_max_abs_mm2", "cdi_abs_err_max", "cdi_abs_err_mean",
+                "lfiar_rel_err_median", "lfiar_rel_err_p90", "sides_swapped", "seconds"]
+    summary = (
+        table.groupby(["method", "bias_correction", "pool_psoas"])
+        .agg({c: ("max" if c.endswith("_max") or c in ("fat_max_abs_pp", "csa_max_abs_mm2",
+                                                          "sides_swapped") else "mean")
+              for c in agg_cols})
+        .reset_index()
+        .sort_values(["bias_correction", "fat_mae_pp"], ascending=[False, True])
+    )
+    default_rows = summary[summary["bias_correction"] & ~summary["pool_psoas"]]
+    best = default_rows.iloc[0]
+    pool_cmp = summary[summary["bias_correction"]].pivot(
+        index="method", columns="pool_psoas", values="fat_mae_pp"
+    )
+    doc = {
+        "what": "fat_pct / CDI / LFIAR error of every fat method vs phantom truth (aggregate rows "
+                "of every level and the whole stack)",
+        "phantoms": [{"subject": n, **{k: (str(v) if isinstance(v, dict) else v)
+                                       for k, v in kw.items()}} for n, kw in phantoms],
+        "summary": json.loads(summary.to_json(orient="records")),
+        "best_method_with_bias_correction": str(best["method"]),
+        "default_method_in_code": fat.DEFAULT_FAT_METHOD,
+        "pool_psoas_fat_mae_pp": json.loads(pool_cmp.to_json()),
+        "per_phantom": json.loads(table.to_json(orient="records")),
+        "seconds_total": time.perf_counter() - t_all,
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                    "cpu_count": os.cpu_count()},
+        "note": "Timings here include N4 and are noisy; see metrics_speed.json for speed.",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2, default=lambda o: None if (
+        isinstance(o, float) and math.isnan(o)) else str(o)) + "\n")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"best with bias correction: {best['method']} (code default "
+          f"{fat.DEFAULT_FAT_METHOD}); wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

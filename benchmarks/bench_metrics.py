@@ -1,0 +1,160 @@
+"""Speed of ``esma metrics`` on one core: a 256 x 256 x 20 scan with 8 muscle labels.
+
+Targets (issue 2): <= 0.5 s per subject without bias correction, <= 3 s with it.  Measured in
+the same run, for comparison:
+
+- plain nibabel loading of the image and the mask (the floor any tool pays);
+- a naive N4: SimpleITK's filter on the full-resolution image (no shrink).  It is run with one
+  fitting level of 10 iterations only (a full schedule would take minutes); its cost per
+  iteration is reported and projected to the schedule our shrunk fit uses.
+
+Wall-clock and process CPU seconds are both recorded (CPU time is what a quiet core would
+show when the machine is shared).  Everything runs on one thread (OMP/OpenBLAS/MKL variables, threadpoolctl, SimpleITK's global
+thread count).  Writes ``benchmarks/results/metrics_speed.json``.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_metrics.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from threadpoolctl import threadpool_limits
+
+from helpers import fat
+from helpers.metrics import MetricsSettings, measure, measure_files
+from helpers.nifti import load_image, load_mask
+from helpers.synthetic import make_phantom, write_phantom
+
+RESULTS = Path(__file__).resolve().parent / "results" / "metrics_speed.json"
+SHAPE = (256, 256, 20)
+
+
+CPU: dict[str, list[float]] = {}
+
+
+def _times(fn, repeats: int, name: str) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls; CPU seconds go to ``CPU[name]``."""
+    out = []
+    CPU[name] = []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        out.append(time.perf_counter() - t0)
+        CPU[name].append(time.process_time() - c0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    ph = make_phantom("bench-001", seed=3, shape=SHAPE, bias_lr=0.3)
+    tmp = Path(tempfile.mkdtemp(prefix="esma_bench_"))
+    paths = write_phantom(ph, tmp)
+    n_labels = len(np.unique(np.asarray(ph.mask.dataobj))) - 1
+    settings_off = MetricsSettings(bias_correction=False)
+    settings_on = MetricsSettings()
+    results: dict[str, object] = {}
+    with threadpool_limits(limits=1):
+        def load_plain() -> None:
+            np.asarray(nib.load(paths["image"]).dataobj)
+            np.asarray(nib.load(paths["mask"]).dataobj)
+
+        def files_off() -> None:
+            measure_files(paths["image"], paths["mask"], paths["labels"], settings=settings_off,
+                          levels_path=paths["levels"])
+
+        def files_on() -> None:
+            measure_files(paths["image"], paths["mask"], paths["labels"], settings=settings_on,
+                          levels_path=paths["levels"])
+
+        image, mask = load_image(paths["image"]), load_mask(paths["mask"])
+        labels = ph.labels
+
+        def core_off() -> None:
+            measure(image, mask, labels, subject="b", settings=settings_off)
+
+        files_off()  # warm imports and caches
+        t_load = _times(load_plain, args.repeats, "load")
+        t_off = _times(files_off, args.repeats, "without")
+        t_core = _times(core_off, args.repeats, "core_without")
+        t_on = _times(files_on, max(1, args.repeats // 2 + 1), "with")
+
+        body = fat.body_mask(image.data, image.affine, mask.data > 0)
+        shrink = max(1, round(settings_on.n4_fit_spacing_mm / min(image.zooms_mm)))
+        t0, c0 = time.perf_counter(), time.process_time()
+        fat.n4_correct(image.data, image.affine, body, shrink_factor=shrink,
+                       iterations=settings_on.n4_iterations)
+        t_n4_ours = time.perf_counter() - t0
+        CPU["n4_shrunk"] = [time.process_time() - c0]
+        naive_iters = 10
+        t0, c0 = time.perf_counter(), time.process_time()
+        fat.n4_correct(image.data, image.affine, body, full_resolution=True,
+                       iterations=(naive_iters,), convergence_threshold=0.0)
+        t_naive = time.perf_counter() - t0
+        CPU["naive_n4_full_resolution"] = [time.process_time() - c0]
+    per_iter = t_naive / naive_iters
+    schedule = sum(settings_on.n4_iterations)
+    results = {
+        "volume": {"shape": list(SHAPE), "labels": n_labels,
+                   "spacing_mm": [round(z, 4) for z in image.zooms_mm]},
+        "threads": 1,
+        "nibabel_load_image_and_mask_s": statistics.median(t_load),
+        "metrics_without_bias_correction_s": statistics.median(t_off),
+        "metrics_without_bias_correction_core_only_s": statistics.median(t_core),
+        "metrics_with_bias_correction_s": statistics.median(t_on),
+        "n4_shrunk_fit_s": t_n4_ours,
+        "n4_shrink_factor": shrink,
+        "n4_iterations": list(settings_on.n4_iterations),
+        "naive_n4_full_resolution_s": t_naive,
+        "naive_n4_iterations": naive_iters,
+        "naive_n4_seconds_per_iteration": per_iter,
+        "naive_n4_projected_for_same_schedule_s": per_iter * schedule,
+        "targets_s": {"without_bias_correction": 0.5, "with_bias_correction": 3.0},
+        "meets_targets": {
+            "without_bias_correction": statistics.median(t_off) <= 0.5,
+            "with_bias_correction": statistics.median(t_on) <= 3.0,
+        },
+        "cpu_s_median": {k: statistics.median(v) for k, v in CPU.items()},
+        "all_runs_s": {"load": t_load, "without": t_off, "core_without": t_core, "with": t_on},
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                    "cpu_count": os.cpu_count(),
+                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "note": "Per-subject times include reading the files (measure_files). Wall-clock numbers "
+                "taken on a shared, loaded machine are inflated; cpu_s_median (process CPU time, "
+                "one thread) approximates the wall time on a quiet core. Re-run on a quiet one.",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    for key in ("nibabel_load_image_and_mask_s", "metrics_without_bias_correction_s",
+                "metrics_without_bias_correction_core_only_s", "metrics_with_bias_correction_s",
+                "n4_shrunk_fit_s", "naive_n4_full_resolution_s",
+                "naive_n4_projected_for_same_schedule_s"):
+        print(f"{key:48s} {results[key]:8.3f}")
+    print("CPU seconds (median):", {k: round(v, 3) for k, v in results["cpu_s_median"].items()})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

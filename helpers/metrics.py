@@ -1,0 +1,952 @@
+"""Muscle area, fat infiltration, functional area and left/right asymmetry of one scan.
+
+Given an axial T2 image, a muscle label mask on the same grid and its label file, :func:`measure`
+returns, per muscle and side:
+
+- per slice: ``csa_mm2`` (mask area), ``fat_pct`` (mean per-voxel fat fraction x 100) and
+  ``fcsa_mm2 = csa_mm2 * (1 - fat_pct / 100)`` (functional, lean area);
+- per vertebral level and for the whole stack (``level = "all"``): ``csa_mm2`` = mean per-slice
+  area over the slices where the muscle is present, ``fat_pct`` pooled over all its voxels (not
+  the mean of the per-slice percentages), ``fcsa_mm2`` from those two, ``n_slices``;
+- per level and muscle, the asymmetry indices ``cdi``, ``cdi_abs``, ``lfiar``, ``lfiar_log``.
+
+Formulas (defaults; configurable in :class:`MetricsSettings`)
+-------------------------------------------------------------
+The study this toolkit follows (ISMRM 2024 #5045) did not publish its formulas, so these are
+documented choices, not the study's own:
+
+- ``cdi = (FCSA_L - FCSA_R) / ((FCSA_L + FCSA_R) / 2)`` (normalized difference;
+  ``cdi_formula="normalized_difference"``) or ``ln(FCSA_L / FCSA_R)`` (``"log_ratio"``);
+  ``cdi_abs = |cdi|``.
+- ``lfiar = FI_L / max(FI_R, floor)`` with FI the fat infiltration in % and a floor of
+  ``lfiar_floor_pct`` (default 0.5 %) so lean muscle does not divide by ~0
+  (``lfiar_formula="ratio"``), or ``(FI_L - FI_R) / ((FI_L + FI_R) / 2)``
+  (``"normalized_difference"``).  ``lfiar_log = ln(max(FI_L, floor) / max(FI_R, floor))``: the
+  log of the same ratio with the floor applied to both sides, so it stays finite when the left
+  side is lean and changes sign (exactly) when the sides are swapped.
+- When clinical data give each subject's curve convex side, :func:`to_convex_concave` adds the
+  same indices convex-vs-concave.
+
+Left and right always come from the label file's sides (the anatomy), never from array order;
+unsided labels are split by anatomy in world coordinates (:func:`helpers.labels.split_sides`).
+Areas use the in-plane voxel area from the affine (mm2); slices are cut across the axis that
+runs closest to superior-inferior, whatever the storage order.
+
+Flags (``flags`` column, ``;``-joined)
+--------------------------------------
+``absent``
+    The label file declares the muscle but the mask lacks it here (whole subject or level):
+    numbers NaN, never 0.
+``truncated``
+    The muscle touches the in-plane border of the image on that slice, so its cross-section is
+    cut by the field of view: the slice's numbers are NaN and it is left out of the aggregates.
+    On an aggregate row: every slice was truncated (numbers NaN).
+``some_slices_truncated``
+    Aggregate row computed from the slices left after dropping truncated ones.
+``z_edge``
+    Aggregate row of a muscle present on the first or last slice of the stack: it continues
+    beyond the scanned range, so the aggregate describes the scanned part only (each slice's
+    area is still complete).  With ``edge_rule="any"`` these rows are NaN and ``truncated``.
+``psoas_t2_unreliable``
+    Psoas rows: no method measured psoas fat on T2 reliably (Wesselink et al. 2024,
+    N Am Spine Soc J 17:100313, ICC <= 0.01).  Its area and the other muscles are unaffected.
+``fat_reference_collapsed``
+    The fat classification found no fat cluster and used the half-way threshold (see
+    :mod:`helpers.fat`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from helpers import fat
+from helpers.errors import ConfigError, InputFileError, LabelError
+from helpers.files import atomic_write_text
+from helpers.labels import LabelTable, load_labels
+from helpers.nifti import (
+    Volume,
+    check_same_grid,
+    load_image,
+    load_mask,
+    slice_axis,
+    subject_from_filename,
+    voxel_area_mm2,
+)
+
+__all__ = [
+    "ASYMMETRY_COLUMNS",
+    "CDI_FORMULAS",
+    "EDGE_RULES",
+    "FLAGS",
+    "LFIAR_FORMULAS",
+    "METRICS_COLUMNS",
+    "PSOAS_CAVEAT",
+    "REFERENCE_SCOPES",
+    "MeasureResult",
+    "MetricsSettings",
+    "measure",
+    "measure_files",
+    "read_levels",
+    "to_convex_concave",
+    "write_result",
+]
+
+log = logging.getLogger(__name__)
+
+#: Columns of ``metrics.csv``, in order.
+METRICS_COLUMNS = (
+    "subject",
+    "level",
+    "slice",
+    "muscle",
+    "side",
+    "n_slices",
+    "n_voxels",
+    "csa_mm2",
+    "fat_pct",
+    "fcsa_mm2",
+    "method",
+    "flags",
+)
+#: Columns of ``asymmetry.csv``, in order.
+ASYMMETRY_COLUMNS = (
+    "subject",
+    "level",
+    "muscle",
+    "cdi",
+    "cdi_abs",
+    "lfiar",
+    "lfiar_log",
+    "lfiar_floor_pct",
+    "fcsa_left_mm2",
+    "fcsa_right_mm2",
+    "fat_pct_left",
+    "fat_pct_right",
+    "method",
+    "flags",
+)
+#: The whole stack's level name.
+ALL_LEVELS = "all"
+CDI_FORMULAS = ("normalized_difference", "log_ratio")
+LFIAR_FORMULAS = ("ratio", "normalized_difference")
+REFERENCE_SCOPES = ("subject", "level")
+#: ``inplane``: slices cut by the in-plane image border are NaN and dropped from aggregates;
+#: ``any``: also aggregates of muscles reaching the first/last slice are NaN;
+#: ``none``: flag only, never drop.
+EDGE_RULES = ("inplane", "any", "none")
+FLAGS = (
+    "absent",
+    "truncated",
+    "some_slices_truncated",
+    "z_edge",
+    "psoas_t2_unreliable",
+    "fat_reference_collapsed",
+)
+#: The published caveat carried by every psoas row.
+PSOAS_CAVEAT = (
+    "psoas fat infiltration on T2 is not reliable: no method reached ICC > 0.01 "
+    "(Wesselink et al. 2024, N Am Spine Soc J 17:100313)"
+)
+_VERTEBRA_PREFIX = "vertebra_"
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        msg = f"{key}: {value!r} is not one of {', '.join(allowed)}{hint}"
+        raise ConfigError(msg)
+    return value
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """How one scan is measured.  Validated on creation (:class:`ConfigError` naming the key).
+
+    A study YAML embeds these under its ``metrics:`` key (:meth:`from_mapping`).
+
+    Attributes
+    ----------
+    fat_method : str
+        Fat classification method, one of :data:`helpers.fat.FAT_METHODS`; default
+        :data:`helpers.fat.DEFAULT_FAT_METHOD` (chosen from phantom accuracy).
+    bias_correction : bool
+        Run N4 bias-field correction before classifying fat (default True).
+    reference_scope : str
+        Fit the fat reference once per ``"subject"`` (default) or once per subject and
+        ``"level"`` (slices without a level use the subject-wide fit).  Always both sides pooled.
+    pool_psoas : bool
+        Include psoas voxels in the pooled fat reference fit (default False: psoas lies
+        anteriorly, far from the paraspinal muscles and the spine coil, its fat is not
+        measurable reliably on T2, and pooling it made every method slightly less accurate on
+        the phantoms, e.g. ``unmix`` 0.23 vs 0.19 pp mean absolute error; see
+        ``benchmarks/results/fat_methods.json``).  Psoas is measured either way.
+    lfiar_floor_pct : float
+        Floor (%) of the LFIAR denominator (default 0.5).
+    cdi_formula : str
+        One of :data:`CDI_FORMULAS` (default ``"normalized_difference"``).
+    lfiar_formula : str
+        One of :data:`LFIAR_FORMULAS` (default ``"ratio"``).
+    edge_rule : str
+        Field-of-view edge rule, one of :data:`EDGE_RULES` (default ``"inplane"``).
+    n4_fit_spacing_mm : float
+        N4 fits on a copy shrunk to about this voxel spacing (mm; default 7.5, i.e. a shrink of
+        8 for 0.94 mm voxels, 3 for 2.5 mm ones); the field is then evaluated at full
+        resolution.  Coil shading varies over centimetres, so this loses nothing and keeps N4
+        within about a second.
+    n4_iterations : tuple of int
+        N4 iterations per fitting level (default (50, 50, 50)).
+
+    Examples
+    --------
+    >>> MetricsSettings.from_mapping({"fat_method": "gmm3", "bias_correction": False}).fat_method
+    'gmm3'
+    >>> MetricsSettings.from_mapping({"fat_method": "gmm4"})
+    Traceback (most recent call last):
+    ...
+    helpers.errors.ConfigError: fat_method: 'gmm4' is not one of unmix, gmm3, gmm2, kmeans2, otsu (did you mean 'gmm3'?)
+    """
+
+    fat_method: str = fat.DEFAULT_FAT_METHOD
+    bias_correction: bool = True
+    reference_scope: str = "subject"
+    pool_psoas: bool = False
+    lfiar_floor_pct: float = 0.5
+    cdi_formula: str = "normalized_difference"
+    lfiar_formula: str = "ratio"
+    edge_rule: str = "inplane"
+    n4_fit_spacing_mm: float = 7.5
+    n4_iterations: tuple[int, ...] = (50, 50, 50)
+
+    def __post_init__(self) -> None:
+        _choice("fat_method", self.fat_method, fat.FAT_METHODS)
+        _choice("reference_scope", self.reference_scope, REFERENCE_SCOPES)
+        _choice("cdi_formula", self.cdi_formula, CDI_FORMULAS)
+        _choice("lfiar_formula", self.lfiar_formula, LFIAR_FORMULAS)
+        _choice("edge_rule", self.edge_rule, EDGE_RULES)
+        for key in ("bias_correction", "pool_psoas"):
+            if not isinstance(getattr(self, key), bool):
+                msg = f"{key}: must be true or false, got {getattr(self, key)!r}"
+                raise ConfigError(msg)
+        floor = self.lfiar_floor_pct
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not (
+            0 < float(floor) < 100
+        ):
+            msg = f"lfiar_floor_pct: must be a number of percent in (0, 100), got {floor!r}"
+            raise ConfigError(msg)
+        object.__setattr__(self, "lfiar_floor_pct", float(floor))
+        sp = self.n4_fit_spacing_mm
+        if isinstance(sp, bool) or not isinstance(sp, int | float) or not 0 < float(sp) <= 50:
+            msg = f"n4_fit_spacing_mm: must be a spacing in mm in (0, 50], got {sp!r}"
+            raise ConfigError(msg)
+        object.__setattr__(self, "n4_fit_spacing_mm", float(sp))
+        its = self.n4_iterations
+        if isinstance(its, int) and not isinstance(its, bool):
+            its = (its,)
+        if (
+            not isinstance(its, list | tuple)
+            or not its
+            or len(its) > 6
+            or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= 1000 for i in its)
+        ):
+            msg = (
+                "n4_iterations: must be a list of 1-6 integers from 1 to 1000 (iterations per "
+                f"fitting level), got {self.n4_iterations!r}"
+            )
+            raise ConfigError(msg)
+        object.__setattr__(self, "n4_iterations", tuple(int(i) for i in its))
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> MetricsSettings:
+        """Build from a mapping (e.g. the ``metrics:`` section of a study YAML).
+
+        Raises
+        ------
+        ConfigError
+            Unknown key (with the closest known one), or an invalid value, naming the key.
+        """
+        if mapping is None:
+            return cls()
+        if not isinstance(mapping, Mapping):
+            msg = f"metrics: expected a mapping of settings, got {type(mapping).__name__}"
+            raise ConfigError(msg)
+        known = [f.name for f in fields(cls)]
+        for key in mapping:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                msg = f"{key}: unknown metrics setting; known: {', '.join(known)}{hint}"
+                raise ConfigError(msg)
+        return cls(**dict(mapping))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (what ``reference.json`` stores)."""
+        out = asdict(self)
+        out["n4_iterations"] = list(self.n4_iterations)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MeasureResult:
+    """What :func:`measure` returns.
+
+    Attributes
+    ----------
+    metrics : DataFrame
+        Columns :data:`METRICS_COLUMNS`; aggregate rows (``slice`` NA) for ``"all"`` and each
+        level, then per-slice rows.
+    asymmetry : DataFrame
+        Columns :data:`ASYMMETRY_COLUMNS`, one row per level and muscle.
+    reference : dict
+        JSON-ready: fat method, scope, fitted thresholds / tissue intensities, bias-correction
+        effect, settings, timings.
+    fat_fraction : ndarray or None
+        Per-voxel fat fraction (0-1, clipped) on the image grid, NaN outside the muscles.
+    """
+
+    metrics: pd.DataFrame
+    asymmetry: pd.DataFrame
+    reference: dict[str, Any]
+    fat_fraction: NDArray[np.float32] | None = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Levels
+# --------------------------------------------------------------------------------------------
+
+_LEVEL_RE = re.compile(r"^([CTLS])(\d+)$", re.IGNORECASE)
+_REGION_ORDER = {"C": 0, "T": 1, "L": 2, "S": 3}
+
+
+def _level_key(name: str) -> tuple[int, int, str]:
+    m = _LEVEL_RE.match(name.strip())
+    if m:
+        return (_REGION_ORDER[m.group(1).upper()], int(m.group(2)), name)
+    return (9, 0, name)
+
+
+def read_levels(path: str | Path, subject: str | None = None) -> pd.DataFrame:
+    """Read a slice->level CSV (columns ``slice``, ``level``, optionally ``subject``).
+
+    ``slice`` is the 0-based index along the axial slice axis in the image file's own array
+    order.  With a ``subject`` column, only that subject's rows are kept.
+
+    Raises
+    ------
+    InputFileError
+        Missing/unreadable file, missing columns, non-integer or duplicate slices, or no rows
+        for ``subject``; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "levels file not found")
+    try:
+        table = pd.read_csv(path, dtype={"level": "string", "subject": "string"})
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputFileError(path, f"not a readable CSV ({exc})") from exc
+    table.attrs["path"] = str(path)
+    return _clean_levels(table, subject, path)
+
+
+def _clean_levels(table: pd.DataFrame, subject: str | None, where: Path | str) -> pd.DataFrame:
+    missing = {"slice", "level"} - set(table.columns)
+    if missing:
+        msg = f"levels table lacks column(s) {sorted(missing)} (needs 'slice' and 'level')"
+        raise InputFileError(where, msg)
+    if "subject" in table.columns and subject is not None:
+        table = table[table["subject"].astype("string") == subject]
+        if table.empty:
+            raise InputFileError(where, f"levels table has no rows for subject {subject!r}")
+    slices = pd.to_numeric(table["slice"], errors="coerce")
+    bad = slices.isna() | (slices != np.round(slices)) | (slices < 0)
+    if bad.any():
+        first = table.loc[bad, "slice"].iloc[0]
+        msg = f"levels table: slice must be a non-negative integer, got {first!r}"
+        raise InputFileError(where, msg)
+    out = pd.DataFrame(
+        {"slice": slices.astype(np.int64).to_numpy(), "level": table["level"].astype("string")}
+    )
+    out = out[out["level"].notna() & (out["level"].str.strip() != "")]
+    out["level"] = out["level"].str.strip()
+    dup = out["slice"].duplicated()
+    if dup.any():
+        msg = f"levels table: slice {int(out.loc[dup, 'slice'].iloc[0])} is listed twice"
+        raise InputFileError(where, msg)
+    out.attrs["path"] = str(where)
+    return out.reset_index(drop=True)
+
+
+def _slice_levels(
+    levels: pd.DataFrame | None,
+    subject: str,
+    n_slices: int,
+    vertebra: dict[int, str],
+    mask_moved: NDArray,
+) -> tuple[list[str | None], str]:
+    """Level name of each slice (None when unknown) and where the levels came from."""
+    if levels is not None:
+        where = levels.attrs.get("path", "<levels table>")
+        table = _clean_levels(levels, subject, where)
+        too_big = table["slice"] >= n_slices
+        if too_big.any():
+            msg = (
+                f"levels table: slice {int(table.loc[too_big, 'slice'].iloc[0])} is outside the "
+                f"image's {n_slices} slices (0-{n_slices - 1})"
+            )
+            raise InputFileError(where, msg)
+        out: list[str | None] = [None] * n_slices
+        for s, lev in zip(table["slice"], table["level"], strict=True):
+            out[int(s)] = str(lev)
+        return out, "table"
+    if vertebra:
+        out = [None] * n_slices
+        for k in range(n_slices):
+            sl = mask_moved[..., k]
+            counts = {name: int(np.count_nonzero(sl == v)) for v, name in vertebra.items()}
+            best = max(counts, key=lambda n: counts[n])
+            if counts[best] > 0:
+                out[k] = best
+        return out, "vertebra_labels"
+    return [None] * n_slices, "none"
+
+
+# --------------------------------------------------------------------------------------------
+# Asymmetry formulas
+# --------------------------------------------------------------------------------------------
+
+
+def _cdi(left: NDArray | float, right: NDArray | float, formula: str) -> NDArray:
+    a, b = np.asarray(left, dtype=float), np.asarray(right, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if formula == "log_ratio":
+            return np.where((a > 0) & (b > 0), np.log(a / b), np.nan)
+        mean = (a + b) / 2
+        return np.where(mean > 0, (a - b) / mean, np.nan)
+
+
+def _lfiar(
+    left: NDArray | float, right: NDArray | float, floor: float, formula: str
+) -> tuple[NDArray, NDArray]:
+    a, b = np.asarray(left, dtype=float), np.asarray(right, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if formula == "normalized_difference":
+            mean = (a + b) / 2
+            main = np.where(mean > 0, (a - b) / mean, np.nan)
+        else:
+            main = a / np.maximum(b, floor)
+        log_ratio = np.log(np.maximum(a, floor) / np.maximum(b, floor))
+    return main, log_ratio
+
+
+# --------------------------------------------------------------------------------------------
+# The measurement
+# --------------------------------------------------------------------------------------------
+
+
+def _is_psoas(muscle: str) -> bool:
+    return "psoas" in muscle.lower()
+
+
+def _join(flags: list[str] | set[str]) -> str:
+    order = {f: i for i, f in enumerate(FLAGS)}
+    return ";".join(sorted(set(flags), key=lambda f: (order.get(f, 99), f)))
+
+
+def _split_unsided(
+    mask: NDArray, affine: NDArray[np.float64], labels: LabelTable
+) -> tuple[NDArray, LabelTable]:
+    from helpers.labels import split_sides
+
+    sided_mask, sided_labels = split_sides(mask, affine, labels)
+    return np.asarray(sided_mask), sided_labels
+
+
+def measure(
+    image: Volume,
+    mask: Volume,
+    labels: LabelTable,
+    *,
+    subject: str,
+    settings: MetricsSettings | None = None,
+    levels: pd.DataFrame | None = None,
+) -> MeasureResult:
+    """Measure CSA, fat infiltration, FCSA and asymmetry of one scan.
+
+    Parameters
+    ----------
+    image : Volume
+        Axial T2 intensities (3-D).
+    mask : Volume
+        Integer label mask on the image's grid.
+    labels : LabelTable
+        Label file of the mask; unsided labels are split into left/right by anatomy, labels
+        named ``vertebra_<LEVEL>`` (optional) give slice levels and are not measured.
+    subject : str
+        Subject ID written in every row.
+    settings : MetricsSettings, optional
+        Default :class:`MetricsSettings`.
+    levels : DataFrame, optional
+        Slice->level table (``slice``, ``level``, optionally ``subject``).
+
+    Returns
+    -------
+    MeasureResult
+
+    Raises
+    ------
+    GeometryMismatchError
+        Mask not on the image's grid.
+    LabelError
+        Mask values the label file does not declare.
+    InputFileError
+        Fat-suppressed image, no muscle voxels, bad levels table.
+    """
+    settings = settings or MetricsSettings()
+    t_start = time.perf_counter()
+    for vol, what in ((image, "image"), (mask, "mask")):
+        if np.ndim(vol.data) != 3:
+            where = vol.path or Path(f"<{what}>")
+            msg = f"expected a 3-D volume, got {np.ndim(vol.data)}-D data of shape {np.shape(vol.data)}"
+            raise InputFileError(where, msg)
+    check_same_grid(image, mask)
+    n_bad = int(np.count_nonzero(~np.isfinite(image.data)))
+    if n_bad:
+        raise InputFileError(image.path or Path("<image>"), f"{n_bad} voxels are NaN or infinite")
+    values_present = np.unique(mask.data)
+    labels.check_values(values_present, mask.path)
+    where_image = image.path or Path("<image>")
+    mask_arr = np.asarray(mask.data)
+    affine = image.affine
+
+    # Vertebra labels give levels and are not measured.
+    vertebra = {
+        lab.value: lab.muscle[len(_VERTEBRA_PREFIX) :]
+        for lab in labels.labels
+        if lab.muscle.lower().startswith(_VERTEBRA_PREFIX)
+    }
+    muscle_labels = tuple(lab for lab in labels.labels if lab.value not in vertebra)
+    if not muscle_labels:
+        raise LabelError(labels.path or Path("<labels>"), "label file declares no muscles")
+    vertebra_arr = mask_arr
+    if vertebra:
+        mask_arr = np.where(np.isin(mask_arr, list(vertebra)), 0, mask_arr).astype(mask_arr.dtype)
+    table = LabelTable(muscle_labels, labels.path)
+    if not table.is_sided():
+        mask_arr, table = _split_unsided(mask_arr, affine, table)
+
+    ax = slice_axis(affine)
+    area = voxel_area_mm2(affine, ax)
+    img = np.asarray(image.data, dtype=np.float32)
+    muscle = mask_arr > 0
+    if not muscle.any():
+        msg = "mask holds none of the muscles its label file declares: nothing to measure"
+        raise InputFileError(mask.path or Path("<mask>"), msg)
+    n_z = img.shape[ax]
+    slice_level, levels_source = _slice_levels(
+        levels, subject, n_z, vertebra, np.moveaxis(vertebra_arr, ax, -1)
+    )
+
+    # ---- bias correction
+    reference: dict[str, Any] = {"subject": subject, "method": settings.fat_method,
+                                 "scope": settings.reference_scope}
+    body = fat.body_mask(img, affine, muscle)
+    band = fat.subcutaneous_band(body, muscle, affine)
+    if settings.bias_correction:
+        t0 = time.perf_counter()
+        shrink = max(1, round(settings.n4_fit_spacing_mm / min(image.zooms_mm)))
+        work, bias = fat.n4_correct(
+            img, affine, body, shrink_factor=shrink, iterations=settings.n4_iterations,
+        )
+        # Shading probe: the subcutaneous fat band, split at the muscles' midline (world x).
+        x = np.broadcast_to(_world_x(img.shape, affine), img.shape)
+        x_mid = float(x[muscle].mean())
+        effect = fat.bias_correction_effect(
+            img, work, bias, body, band & (x < x_mid), band & (x >= x_mid)
+        )
+        reference["bias_correction"] = {
+            "applied": True,
+            "method": "N4 (SimpleITK)",
+            "shrink_factor": shrink,
+            "iterations": list(settings.n4_iterations),
+            "seconds": round(time.perf_counter() - t0, 3),
+            **effect,
+        }
+    else:
+        work, bias = img, None
+        reference["bias_correction"] = {"applied": False}
+    # Noise of the magnitude image (raw units), then per voxel in the working units.
+    raw_sd, sd_source = fat.estimate_noise_sd(
+        img, body, muscle=muscle, affine=affine, muscle_values=img[muscle]
+    )
+    reference["noise"] = {"sd": raw_sd, "source": sd_source}
+
+    # ---- fat reference: once per subject (or per level), both sides pooled
+    pool_values = [lab.value for lab in table.labels if settings.pool_psoas or not _is_psoas(lab.muscle)]
+    pool = np.isin(mask_arr, pool_values)
+    if not pool.any():  # only psoas in the mask: pool it after all
+        pool = muscle
+    groups: list[tuple[str, NDArray[np.bool_]]] = [("subject", np.ones(n_z, dtype=bool))]
+    if settings.reference_scope == "level":
+        names = sorted({lev for lev in slice_level if lev is not None}, key=_level_key)
+        groups += [(n, np.array([lev == n for lev in slice_level])) for n in names]
+    fraction_map = np.full(img.shape, np.nan, dtype=np.float32)
+    unclipped_map = np.full(img.shape, np.nan, dtype=np.float32)
+    fits = []
+    collapsed_any = False
+    covered = np.zeros(n_z, dtype=bool)
+    for name, sel_slices in reversed(groups):  # levels first, the subject fit fills the rest
+        if name == "subject":
+            sel_slices = ~covered
+        sel = _slice_selector(img.shape, ax, sel_slices)
+        g_muscle = muscle & sel
+        g_pool = pool & sel
+        if not g_muscle.any():
+            continue
+        if not g_pool.any():
+            g_pool = g_muscle
+        noise_pool = raw_sd / bias[g_pool] if bias is not None else np.full(1, raw_sd)
+        tissues = fat.tissue_intensities(
+            work, g_muscle, affine, body=body & sel, band=band & sel,
+            muscle_values=work[g_pool], noise_sd=float(np.median(noise_pool)),
+            path=where_image,
+        )
+        ref = fat.fit_reference(work[g_pool], tissues, settings.fat_method, scope=name)
+        collapsed_any |= ref.collapsed
+        fits.append({**ref.to_dict(), "tissues": tissues.to_dict()})
+        vals = work[g_muscle]
+        noise = raw_sd / bias[g_muscle] if bias is not None else raw_sd
+        fraction_map[g_muscle] = ref.fraction(vals, clip=True, noise_sd=noise)
+        unclipped_map[g_muscle] = ref.fraction(vals, clip=False, noise_sd=noise)
+        covered |= sel_slices
+    reference["fits"] = list(reversed(fits))
+    reference["pooled_muscles"] = sorted(
+        {lab.muscle for lab in table.labels if lab.value in set(pool_values)}
+    )
+    reference["levels_source"] = levels_source
+    reference["psoas_caveat"] = PSOAS_CAVEAT
+    reference["settings"] = settings.to_dict()
+    reference["voxel_area_mm2"] = area
+    reference["slice_axis"] = ax
+    reference["orientation"] = "".join(image.axcodes)
+
+    # ---- per slice and label sums
+    metrics, asym = _tabulate(
+        mask_arr, unclipped_map, table, ax, area, slice_level, subject, settings, collapsed_any
+    )
+    reference["seconds"] = round(time.perf_counter() - t_start, 3)
+    return MeasureResult(metrics, asym, reference, fraction_map)
+
+
+def _world_x(shape: tuple[int, ...], affine: NDArray[np.float64]) -> NDArray:
+    """World x (RAS+ mm, + = patient's right) of every voxel (broadcastable)."""
+    i, j, k = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    a = affine[0]
+    return (a[0] * i + a[1] * j + a[2] * k + a[3]).astype(np.float32)
+
+
+def _slice_selector(shape: tuple[int, ...], ax: int, sel: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    view = [1, 1, 1]
+    view[ax] = shape[ax]
+    return np.broadcast_to(np.asarray(sel, dtype=bool).reshape(view), shape)
+
+
+def _tabulate(
+    mask_arr: NDArray,
+    fraction: NDArray,
+    table: LabelTable,
+    ax: int,
+    area: float,
+    slice_level: list[str | None],
+    subject: str,
+    settings: MetricsSettings,
+    collapsed: bool,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    lab_m = np.moveaxis(mask_arr, ax, -1)
+    frac_m = np.moveaxis(fraction, ax, -1)
+    nx, ny, nz = lab_m.shape
+    labs = list(table.labels)
+    lut = np.full(int(max(lab.value for lab in labs)) + 1, -1, dtype=np.int64)
+    for i, lab in enumerate(labs):
+        lut[lab.value] = i
+    nzv = np.nonzero(lab_m)
+    vals = lab_m[nzv]
+    li = lut[vals]
+    keep = li >= 0
+    ii, jj, kk, li = nzv[0][keep], nzv[1][keep], nzv[2][keep], li[keep]
+    key = li * nz + kk
+    n_keys = len(labs) * nz
+    counts = np.bincount(key, minlength=n_keys).reshape(len(labs), nz)
+    fsum = np.bincount(key, weights=frac_m[nzv][keep].astype(np.float64), minlength=n_keys)
+    fsum = fsum.reshape(len(labs), nz)
+    border = (ii == 0) | (ii == nx - 1) | (jj == 0) | (jj == ny - 1)
+    touch = np.bincount(key[border], minlength=n_keys).reshape(len(labs), nz) > 0
+    present = counts > 0
+    drop = touch & present if settings.edge_rule in ("inplane", "any") else np.zeros_like(touch)
+    valid = present & ~drop
+
+    def pct(fs: float, n: int) -> float:
+        return float(np.clip(100.0 * fs / n, 0.0, 100.0)) if n else math.nan
+
+    common_flags = ["fat_reference_collapsed"] if collapsed else []
+    agg_rows: list[dict[str, Any]] = []
+    slice_rows: list[dict[str, Any]] = []
+    level_names = sorted({lev for lev in slice_level if lev is not None}, key=_level_key)
+    groups = [(ALL_LEVELS, np.ones(nz, dtype=bool))] + [
+        (n, np.array([lev == n for lev in slice_level])) for n in level_names
+    ]
+    edge_slices = np.zeros(nz, dtype=bool)
+    edge_slices[[0, nz - 1]] = True
+    for level, gsel in groups:
+        for i, lab in enumerate(labs):
+            flags = list(common_flags)
+            if _is_psoas(lab.muscle):
+                flags.append("psoas_t2_unreliable")
+            p = present[i] & gsel
+            v = valid[i] & gsel
+            row = {"subject": subject, "level": level, "slice": pd.NA, "muscle": lab.muscle,
+                   "side": lab.side, "method": settings.fat_method}
+            at_edge = bool((p & edge_slices).any())
+            if at_edge:
+                flags.append("z_edge")
+            nan_row = False
+            if not p.any():
+                flags.append("absent")
+                nan_row = True
+            elif not v.any():
+                flags.append("truncated")
+                nan_row = True
+            else:
+                if (drop[i] & gsel).any():
+                    flags.append("some_slices_truncated")
+                if at_edge and settings.edge_rule == "any":
+                    flags.append("truncated")
+                    nan_row = True
+            if nan_row:
+                row.update(n_slices=int(v.sum()), n_voxels=int(counts[i][v].sum()),
+                           csa_mm2=math.nan, fat_pct=math.nan, fcsa_mm2=math.nan)
+            else:
+                n_vox = int(counts[i][v].sum())
+                csa = float(counts[i][v].mean() * area)
+                fp = pct(float(fsum[i][v].sum()), n_vox)
+                row.update(n_slices=int(v.sum()), n_voxels=n_vox, csa_mm2=csa, fat_pct=fp,
+                           fcsa_mm2=csa * (1 - fp / 100.0))
+            row["flags"] = _join(flags)
+            agg_rows.append(row)
+    for k in range(nz):
+        for i, lab in enumerate(labs):
+            if not present[i, k]:
+                continue
+            flags = list(common_flags)
+            if _is_psoas(lab.muscle):
+                flags.append("psoas_t2_unreliable")
+            row = {"subject": subject, "level": slice_level[k], "slice": k,
+                   "muscle": lab.muscle, "side": lab.side, "n_slices": 1,
+                   "n_voxels": int(counts[i, k]), "method": settings.fat_method}
+            if touch[i, k]:
+                flags.append("truncated")
+            if drop[i, k]:
+                row.update(csa_mm2=math.nan, fat_pct=math.nan, fcsa_mm2=math.nan)
+            else:
+                csa = float(counts[i, k] * area)
+                fp = pct(float(fsum[i, k]), int(counts[i, k]))
+                row.update(csa_mm2=csa, fat_pct=fp, fcsa_mm2=csa * (1 - fp / 100.0))
+            row["flags"] = _join(flags)
+            slice_rows.append(row)
+    metrics = pd.DataFrame(agg_rows + slice_rows, columns=list(METRICS_COLUMNS))
+    metrics = _typed_metrics(metrics)
+    asym = _asymmetry(agg_rows, settings, [lab.muscle for lab in labs])
+    return metrics, asym
+
+
+def _typed_metrics(df: pd.DataFrame) -> pd.DataFrame:
+    df["slice"] = df["slice"].astype("Int64")
+    df["level"] = df["level"].astype("string")
+    for c in ("n_slices", "n_voxels"):
+        df[c] = df[c].astype("int64")
+    for c in ("csa_mm2", "fat_pct", "fcsa_mm2"):
+        df[c] = df[c].astype("float64")
+    return df.reset_index(drop=True)
+
+
+def _asymmetry(
+    agg_rows: list[dict[str, Any]], settings: MetricsSettings, muscles: list[str]
+) -> pd.DataFrame:
+    floor = settings.lfiar_floor_pct
+    by_key = {(r["level"], r["muscle"], r["side"]): r for r in agg_rows}
+    levels = list(dict.fromkeys(r["level"] for r in agg_rows))
+    rows = []
+    for level in levels:
+        for m in dict.fromkeys(muscles):
+            lr, rr = by_key.get((level, m, "left")), by_key.get((level, m, "right"))
+            if lr is None or rr is None:
+                continue
+            cdi = float(_cdi(lr["fcsa_mm2"], rr["fcsa_mm2"], settings.cdi_formula))
+            lf, lf_log = _lfiar(lr["fat_pct"], rr["fat_pct"], floor, settings.lfiar_formula)
+            flags = set(lr["flags"].split(";")) | set(rr["flags"].split(";"))
+            flags.discard("")
+            rows.append({
+                "subject": lr["subject"], "level": level, "muscle": m, "cdi": cdi,
+                "cdi_abs": abs(cdi), "lfiar": float(lf), "lfiar_log": float(lf_log),
+                "lfiar_floor_pct": floor, "fcsa_left_mm2": lr["fcsa_mm2"],
+                "fcsa_right_mm2": rr["fcsa_mm2"], "fat_pct_left": lr["fat_pct"],
+                "fat_pct_right": rr["fat_pct"], "method": settings.fat_method,
+                "flags": _join(flags),
+            })
+    out = pd.DataFrame(rows, columns=list(ASYMMETRY_COLUMNS))
+    out["level"] = out["level"].astype("string")
+    for c in ASYMMETRY_COLUMNS[3:12]:
+        out[c] = out[c].astype("float64")
+    return out
+
+
+def to_convex_concave(
+    asymmetry: pd.DataFrame,
+    convex_side: Mapping[str, str | None],
+    settings: MetricsSettings | None = None,
+) -> pd.DataFrame:
+    """Add convex-vs-concave versions of the asymmetry indices.
+
+    Parameters
+    ----------
+    asymmetry : DataFrame
+        Rows as written by :func:`measure` (needs ``fcsa_left_mm2``, ``fcsa_right_mm2``,
+        ``fat_pct_left``, ``fat_pct_right`` and ``lfiar_floor_pct``).
+    convex_side : mapping
+        Subject -> ``"left"`` or ``"right"`` (the side of the curve's convexity); subjects
+        missing or mapped to None/NaN/"" get NaN.
+    settings : MetricsSettings, optional
+        Formula choices (default :class:`MetricsSettings`).
+
+    Returns
+    -------
+    DataFrame
+        A copy with ``convex_side``, ``cdi_cc`` (convex minus concave FCSA over their mean, or
+        the log ratio), ``cdi_cc_abs``, ``lfiar_cc = FI_convex / max(FI_concave, floor)`` and
+        ``lfiar_cc_log = ln(max(FI_convex, floor) / max(FI_concave, floor))``.
+
+    Raises
+    ------
+    ConfigError
+        A side other than left/right, naming the subject.
+
+    Examples
+    --------
+    >>> a = pd.DataFrame({"subject": ["s1"], "fcsa_left_mm2": [90.0], "fcsa_right_mm2": [110.0],
+    ...                   "fat_pct_left": [20.0], "fat_pct_right": [10.0], "lfiar_floor_pct": [0.5]})
+    >>> cc = to_convex_concave(a, {"s1": "right"})
+    >>> round(float(cc.cdi_cc[0]), 3), round(float(cc.lfiar_cc[0]), 3)
+    (0.2, 0.5)
+    """
+    settings = settings or MetricsSettings()
+    out = asymmetry.copy()
+    sides = []
+    for subj in out["subject"]:
+        side = convex_side.get(subj) if hasattr(convex_side, "get") else None
+        if side is None or (isinstance(side, float) and math.isnan(side)) or side == "":
+            sides.append(None)
+            continue
+        s = str(side).strip().lower()
+        if s not in ("left", "right"):
+            msg = f"convex_side: subject {subj!r} has {side!r}; expected 'left' or 'right'"
+            raise ConfigError(msg)
+        sides.append(s)
+    out["convex_side"] = pd.array(sides, dtype="string")
+    is_left = np.array([s == "left" for s in sides])
+    known = np.array([s is not None for s in sides])
+    fl, fr = out["fcsa_left_mm2"].to_numpy(float), out["fcsa_right_mm2"].to_numpy(float)
+    il, ir = out["fat_pct_left"].to_numpy(float), out["fat_pct_right"].to_numpy(float)
+    floor = out["lfiar_floor_pct"].to_numpy(float)
+    f_cx, f_cc = np.where(is_left, fl, fr), np.where(is_left, fr, fl)
+    i_cx, i_cc = np.where(is_left, il, ir), np.where(is_left, ir, il)
+    cdi = _cdi(f_cx, f_cc, settings.cdi_formula)
+    lf, lf_log = _lfiar(i_cx, i_cc, floor, settings.lfiar_formula)  # type: ignore[arg-type]
+    out["cdi_cc"] = np.where(known, cdi, np.nan)
+    out["cdi_cc_abs"] = np.abs(out["cdi_cc"])
+    out["lfiar_cc"] = np.where(known, lf, np.nan)
+    out["lfiar_cc_log"] = np.where(known, lf_log, np.nan)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def write_result(result: MeasureResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``metrics.csv``, ``asymmetry.csv`` and ``reference.json`` atomically into a folder.
+
+    Returns
+    -------
+    dict
+        ``{"metrics": path, "asymmetry": path, "reference": path}``.
+    """
+    out = Path(out_dir)
+    paths = {
+        "metrics": out / "metrics.csv",
+        "asymmetry": out / "asymmetry.csv",
+        "reference": out / "reference.json",
+    }
+    atomic_write_text(paths["metrics"], result.metrics.to_csv(index=False))
+    atomic_write_text(paths["asymmetry"], result.asymmetry.to_csv(index=False))
+    atomic_write_text(
+        paths["reference"],
+        json.dumps(result.reference, indent=2, sort_keys=False, default=_json_default) + "\n",
+    )
+    return paths
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def measure_files(
+    image_path: str | Path,
+    mask_path: str | Path,
+    labels_path: str | Path,
+    *,
+    subject: str | None = None,
+    settings: MetricsSettings | None = None,
+    levels_path: str | Path | None = None,
+) -> MeasureResult:
+    """Read an image, its mask, label file and (optional) levels CSV, then :func:`measure`.
+
+    ``subject`` defaults to the image file name without ``_T2w`` and ``.nii(.gz)``.
+
+    Raises
+    ------
+    InputFileError (and its subclasses)
+        Any unusable input, naming the file.
+    """
+    image = load_image(image_path)
+    mask = load_mask(mask_path)
+    labels = load_labels(labels_path)
+    subject = subject or subject_from_filename(image_path)
+    levels = read_levels(levels_path, subject) if levels_path is not None else None
+    return measure(image, mask, labels, subject=subject, settings=settings, levels=levels)
