@@ -11,8 +11,11 @@ Three steps, each usable on its own:
 2. :func:`tissue_intensities` finds the two reference intensities of the subject: pure fat
    (``I_fat``, the mode of the subcutaneous fat found in a band 2-12 mm under the skin of the
    back and flanks, see :func:`subcutaneous_band`) and lean muscle (``I_muscle``, the low mode
-   of the pooled muscle intensities).  Fat around the muscles darker than the muscles means a
-   fat-suppressed image, which is refused.
+   of the pooled muscle intensities).  A fat-suppressed image is refused (see
+   :func:`tissue_intensities`): fat around the muscles darker than the muscles, or
+   subcutaneous fat well below the brightest tissues of the body (on T2 without fat suppression
+   fat is among the brightest tissues; suppressed, it falls far below fluid and even below
+   skin, which keeps its signal and is why the bright class of the band cannot be trusted).
 
    Lean muscle on T2 is dark, close to the noise floor of a magnitude image, where noise is
    Rician: the mean intensity of lean muscle exceeds its true amplitude, and by more where the
@@ -112,6 +115,22 @@ _THRESHOLD_RANGE = (0.2, 0.8)
 #: Largest share of voxels a threshold outside that range may move before the fit counts as
 #: collapsed.
 _MAX_MISPLACED = 0.01
+#: Fat-suppression check: the subcutaneous fat (skin rim left out) must reach this share of the
+#: body's bright tissue level (its ``_FS_BRIGHT_PERCENTILE`` percentile).  Calibrated on
+#: phantoms and the real example (``tests/test_fat.py``): without suppression 0.70-0.95
+#: (lowest at SNR 6 with +-30 % shading and no N4; the real example 0.77, 0.85 after N4), with
+#: fat scaled by 0.3 at most 0.51, by 0.1 at most 0.28.
+_FS_MIN_FAT_TO_BRIGHT = 0.6
+#: The same check on the tissue just behind the muscles, which does not depend on the body
+#: outline (fat suppression can break it: suppressed fat looks like air).  That shell also holds
+#: bone and fascia (real example 0.61), hence the lower bar; suppressed fat (x 0.1) gives < 0.15.
+_FS_MIN_SHELL_TO_BRIGHT = 0.3
+#: Percentile of the body intensities taken as its bright tissue level (fluid, or fat when it
+#: is not suppressed).
+_FS_BRIGHT_PERCENTILE = 99.0
+#: Skin rim left out of the subcutaneous fat for the check (mm; at least 1.5 in-plane voxels):
+#: skin keeps its signal under fat suppression.
+_SKIN_RIM_MM = 2.0
 #: Pooled intensities are summarised by this many quantiles before mixture/cluster fits
 #: (deterministic, independent of voxel order, fast).
 _MAX_FIT_SAMPLES = 20_000
@@ -470,8 +489,29 @@ def _perimuscular_shell(
     return shell & _posterior_of_muscle(np.asarray(muscle, dtype=bool), affine, ax)
 
 
+def _without_skin_rim(
+    band: NDArray[np.bool_], body: NDArray[np.bool_], affine: NDArray[np.float64],
+    rim_mm: float = _SKIN_RIM_MM,
+) -> NDArray[np.bool_]:
+    """Band voxels deeper than the skin rim (in-plane distance to air > ``rim_mm`` mm, and more
+    than 1.5 in-plane voxels, so a coarse voxel that mixes skin with fat is left out too)."""
+    ax = _slice_axis(affine)
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    inplane = tuple(float(z) for i, z in enumerate(zooms) if i != ax)
+    rim = max(float(rim_mm), 1.5 * max(inplane))
+    band_m = np.moveaxis(np.asarray(band, dtype=bool), ax, -1)
+    body_m = np.moveaxis(np.asarray(body, dtype=bool), ax, -1)
+    core = np.zeros(band_m.shape, dtype=bool)
+    for k in range(band_m.shape[-1]):
+        if band_m[..., k].any():
+            depth = ndi.distance_transform_edt(body_m[..., k], sampling=inplane)
+            core[..., k] = band_m[..., k] & (depth > rim)
+    return np.moveaxis(core, -1, ax)
+
+
 def _histogram_mode(values: NDArray, lo: float, hi: float, bins: int = 256) -> float:
     """Location of the highest peak of a lightly smoothed histogram in [lo, hi]."""
+    values = np.asarray(values).ravel()
     v = values[(values >= lo) & (values <= hi)]
     if v.size == 0 or hi <= lo:
         return float(np.median(values)) if values.size else math.nan
@@ -487,9 +527,14 @@ def _histogram_mode(values: NDArray, lo: float, hi: float, bins: int = 256) -> f
 
 
 def _bright_class(values: NDArray) -> NDArray:
-    """Values above Otsu's threshold (all of them when they hardly vary)."""
+    """Values above Otsu's threshold (all of them when they hardly vary), as a 1-D array.
+
+    Flattened first: scikit-image takes an array whose last axis has length 3 or 4 for an RGB
+    image (and warns).
+    """
     from skimage.filters import threshold_otsu
 
+    values = np.asarray(values).ravel()
     if values.size < 20 or float(values.max() - values.min()) <= 1e-6 * max(
         1.0, abs(float(values.max()))
     ):
@@ -506,7 +551,7 @@ def _lean_mode(values: NDArray, fat: float | None = None) -> float:
     Values <= 0 are left out: a magnitude image is positive, and scanners that clip or mask
     dark voxels to exactly 0 would otherwise put a false peak there.
     """
-    v = np.asarray(values, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64).ravel()
     positive = v[v > 0]
     if positive.size >= max(10, v.size // 2):
         v = positive
@@ -660,6 +705,10 @@ class TissueIntensities:
         Typical noise sd in the muscles (image units) the modes were corrected with.
     muscle_mode : float
         The lean-muscle histogram mode before noise correction.
+    fat_to_bright : float
+        Fat-suppression check: median of the subcutaneous fat (skin rim left out; the tissue
+        behind the muscles when there is no band) over the body's bright tissue level (its 99th
+        percentile).  NaN when not measured.
     """
 
     muscle: float
@@ -669,6 +718,7 @@ class TissueIntensities:
     fat_source: str
     noise_sd: float = 0.0
     muscle_mode: float = math.nan
+    fat_to_bright: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record."""
@@ -680,6 +730,9 @@ class TissueIntensities:
             "subcutaneous_band_median": self.band_median,
             "n_fat_voxels": self.n_fat_voxels,
             "fat_source": self.fat_source,
+            "fat_to_bright": (
+                float(self.fat_to_bright) if np.isfinite(self.fat_to_bright) else None
+            ),
         }
 
 
@@ -723,7 +776,22 @@ def tissue_intensities(
     Raises
     ------
     InputFileError
-        Fat darker than muscle (a fat-suppressed image), or no fat/muscle contrast at all.
+        A fat-suppressed image, or no fat/muscle contrast at all.
+
+    Notes
+    -----
+    Fat suppression is recognised by two signs, each in the image's own units:
+
+    - fat around the muscles (the subcutaneous band, or the tissue 2-10 mm behind the muscles)
+      no brighter than the median muscle voxel ("fat darker than muscle");
+    - fat not among the brightest tissues: the median of the subcutaneous band, its skin rim
+      left out, below 60 % of the body's 99th percentile (fluid, or fat itself, on T2), or the
+      tissue behind the muscles below 30 % of it.
+
+    A comparison with lean muscle alone cannot tell partial suppression (fat x 0.3, still about
+    5 x brighter than lean muscle) from a normal T2 with a shorter echo time, and the bright
+    class of the band is skin, not fat, once fat is suppressed; fluid and skin keep their
+    signal, so fat's place below them is the robust sign.
     """
     arr = np.asarray(image, dtype=np.float32)
     muscle = np.asarray(muscle, dtype=bool)
@@ -734,7 +802,7 @@ def tissue_intensities(
         body = body_mask(arr, affine, muscle)
     if band is None:
         band = subcutaneous_band(body, muscle, affine)
-    mvals = arr[muscle] if muscle_values is None else np.asarray(muscle_values)
+    mvals = arr[muscle] if muscle_values is None else np.asarray(muscle_values).ravel()
 
     if int(band.sum()) >= min_band_voxels:
         bvals = arr[band].astype(np.float64)
@@ -759,7 +827,8 @@ def tissue_intensities(
     # mostly fat on any lumbar T2.  It does not rely on the body outline, which fat
     # suppression breaks (suppressed fat looks like air).
     shell = _perimuscular_shell(muscle, affine)
-    shell_median = float(np.median(arr[shell])) if shell.sum() >= 50 else band_median
+    has_shell = int(shell.sum()) >= 50
+    shell_median = float(np.median(arr[shell])) if has_shell else band_median
     probe = min(band_median, shell_median)
     if probe <= muscle_median or fat_mode <= lean_mode:
         msg = (
@@ -768,6 +837,10 @@ def tissue_intensities(
             "suppression"
         )
         raise InputFileError(where, msg)
+    fat_to_bright = _check_fat_is_bright(
+        arr, body, band if source == "subcutaneous_band" else None, affine,
+        shell_median if has_shell else None, where,
+    )
     if fat_mode < 1.5 * lean_mode:
         msg = (
             f"too little fat/muscle contrast to classify fat (subcutaneous fat {fat_mode:.4g} vs "
@@ -778,8 +851,57 @@ def tissue_intensities(
     lean = amplitude_from_mode(lean_mode, sd)
     fat_amp = amplitude_from_mode(fat_mode, sd)
     return TissueIntensities(
-        float(lean), float(fat_amp), band_median, n_fat, source, sd, float(lean_mode)
+        float(lean), float(fat_amp), band_median, n_fat, source, sd, float(lean_mode),
+        fat_to_bright,
     )
+
+
+def _check_fat_is_bright(
+    image: NDArray[np.float32],
+    body: NDArray[np.bool_],
+    band: NDArray[np.bool_] | None,
+    affine: NDArray[np.float64],
+    shell_median: float | None,
+    where: Path,
+) -> float:
+    """Refuse a fat-suppressed image whose fat is not among the brightest tissues.
+
+    Returns the subcutaneous fat's (or, without a band, the perimuscular shell's) median over
+    the body's bright tissue level, NaN when nothing could be measured.  See the Notes of
+    :func:`tissue_intensities`.
+    """
+    body = np.asarray(body, dtype=bool)
+    if int(body.sum()) < 100:
+        return math.nan
+    bright = float(np.percentile(image[body], _FS_BRIGHT_PERCENTILE))
+    if not (np.isfinite(bright) and bright > 0):
+        return math.nan
+
+    def refuse(what: str, level: float, share: float, limit: float) -> None:
+        msg = (
+            f"fat not among the brightest tissues: fat-suppressed image? ({what} {level:.4g} is "
+            f"{100 * share:.0f} % of the body's bright tissue level {bright:.4g}, its "
+            f"{_FS_BRIGHT_PERCENTILE:g}th percentile; on T2 without fat suppression at least "
+            f"{100 * limit:.0f} %); fat infiltration needs a T2 image without fat suppression"
+        )
+        raise InputFileError(where, msg)
+
+    ratio = math.nan
+    if band is not None:
+        core = _without_skin_rim(band, body, affine)
+        if int(core.sum()) < 50:
+            core = np.asarray(band, dtype=bool)
+        fat_level = float(np.median(image[core]))
+        ratio = fat_level / bright
+        if ratio < _FS_MIN_FAT_TO_BRIGHT:
+            refuse("subcutaneous fat, skin rim left out,", fat_level, ratio, _FS_MIN_FAT_TO_BRIGHT)
+    if shell_median is not None:
+        shell_ratio = shell_median / bright
+        if shell_ratio < _FS_MIN_SHELL_TO_BRIGHT:
+            refuse("fat behind the muscles", shell_median, shell_ratio, _FS_MIN_SHELL_TO_BRIGHT)
+        if not np.isfinite(ratio):
+            ratio = shell_ratio
+    return float(ratio)
 
 
 # --------------------------------------------------------------------------------------------
@@ -872,8 +994,11 @@ class FatReference:
 
 
 def _quantile_sample(values: NDArray, n: int) -> NDArray[np.float64]:
-    """At most ``n`` values at evenly spaced quantiles (order-independent, deterministic)."""
-    v = np.sort(np.asarray(values, dtype=np.float64))
+    """At most ``n`` values at evenly spaced quantiles (order-independent, deterministic).
+
+    Always 1-D (any input shape is flattened first).
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
     if v.size <= n:
         return v
     idx = np.round(np.linspace(0, v.size - 1, n)).astype(np.int64)
@@ -911,7 +1036,8 @@ def fit_reference(
     Parameters
     ----------
     values : ndarray
-        Intensities of the muscle voxels of both sides, pooled (never one side alone).
+        Intensities of the muscle voxels of both sides, pooled (never one side alone); any
+        shape (flattened: a volume is never read as an image with colour channels).
     tissues : TissueIntensities
         The subject's lean-muscle and fat intensities (anchors and initial values).
     method : str
@@ -937,7 +1063,7 @@ def fit_reference(
     if method not in FAT_METHODS:
         msg = f"unknown fat method {method!r}; choose one of {', '.join(FAT_METHODS)}"
         raise ValueError(msg)
-    v = np.asarray(values, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64).ravel()
     im, fa = float(tissues.muscle), float(tissues.fat)
     if v.size == 0:
         msg = "no muscle voxels to fit the fat reference on"

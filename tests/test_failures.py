@@ -539,17 +539,15 @@ def test_muscle_missing_from_one_side_gives_nan_rows_not_zeros(scan, tmp_path):
     assert asym.loc[asym["muscle"] == "multifidus", "cdi"].notna().all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="helpers.fat misses fat suppression when the subcutaneous band also holds bright skin "
-    "(reported to the lead; issue 2 requires a clear error)",
-)
 def test_esma_metrics_refuses_a_fat_suppressed_image(scan, tmp_path, capsys):
     truth = np.load(scan["fat_fraction"])
     fs = _image_like(scan, tmp_path, lambda d: d * (1 - 0.9 * truth))  # fat 10 x darker
     code = cli.main(esma_metrics(scan, tmp_path / "out", image=fs))
     assert code == cli.EXIT_BAD_INPUT
-    assert "fat-suppressed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"esma metrics: error: {fs}: "), err  # names the file
+    assert "fat-suppressed" in err
+    assert not (tmp_path / "out" / "metrics.csv").exists()
 
 
 def test_esma_metrics_output_folder_not_writable(scan, tmp_path, capsys):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from scipy import stats
 
-from helpers import fat
+from helpers import fat, synthetic
 from helpers.errors import InputFileError
+from helpers.nifti import load_image, load_mask
 
 AFFINE_1MM = np.diag([1.0, 1.0, 4.0, 1.0])
 
@@ -153,6 +157,148 @@ def test_empty_muscle_is_refused():
     img, _lab, _ = _body_phantom(n=64)
     with pytest.raises(InputFileError, match="no muscle voxels"):
         fat.tissue_intensities(img, np.zeros(img.shape, bool), AFFINE_1MM, path="x.nii.gz")
+
+
+# ------------------------------------------------------------------------------ fat suppression
+FAT_SUPPRESSED = r"fat not among the brightest tissues: fat-suppressed image\?"
+
+
+def _skin_and_fluid(fat_value: float, fluid: float | None = 900.0) -> tuple[np.ndarray, np.ndarray]:
+    """The disc phantom (noise-free) with a skin rim and a fluid pocket that keep their signal.
+
+    Skin: body voxels within 2 mm of the air, 300.  Fluid: an 8 x 8 voxel pocket in front of the
+    muscle (1.3 % of the body), ``fluid``.  Muscle 50 with 10 % streaks of fat.
+    """
+    img, lab, _ = _body_phantom(fat_value=fat_value, muscle_value=50.0, n=96, nz=2)
+    body = img > 0
+    depth = np.stack([ndi.distance_transform_edt(body[..., k]) for k in range(2)], axis=-1)
+    img[body & (depth <= 2.0)] = 300.0
+    if fluid is not None:
+        assert not lab[44:52, 62:70].any()
+        img[44:52, 62:70, :] = fluid
+    return img, lab
+
+
+def test_fat_to_bright_ratio_by_hand():
+    """Median of the band without its skin rim / 99th percentile of the body, exactly."""
+    img, lab = _skin_and_fluid(600.0)  # 64 fluid voxels per slice > 1 % of ~5000: p99 = 900
+    tis = fat.tissue_intensities(img, lab > 0, AFFINE_1MM)
+    assert tis.fat_to_bright == pytest.approx(600.0 / 900.0, rel=1e-9)
+    assert tis.to_dict()["fat_to_bright"] == pytest.approx(2 / 3, rel=1e-9)
+    assert tis.fat == pytest.approx(600.0)
+    # without the fluid, fat is the brightest tissue
+    img, lab = _skin_and_fluid(600.0, fluid=None)
+    assert fat.tissue_intensities(img, lab > 0, AFFINE_1MM).fat_to_bright == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.3])
+def test_fat_suppressed_with_bright_skin_is_refused(scale):
+    """Suppressed fat (still brighter than lean muscle) under skin that keeps its signal.
+
+    The band's bright class is the skin here, not fat: the check must look past the rim.
+    """
+    img, lab = _skin_and_fluid(600.0 * scale)
+    body = fat.body_mask(img, AFFINE_1MM, lab > 0)
+    band = fat.subcutaneous_band(body, lab > 0, AFFINE_1MM)
+    assert np.percentile(img[band], 95) == 300.0  # bright skin in the band
+    assert 600.0 * scale > 50.0  # fat not darker than muscle: the old check passed it
+    with pytest.raises(InputFileError, match=r"scan_T2w\.nii\.gz: " + FAT_SUPPRESSED):
+        fat.tissue_intensities(img, lab > 0, AFFINE_1MM, path="scan_T2w.nii.gz")
+
+
+ALL_MUSCLES = [(m, s) for m in synthetic.MUSCLES for s in ("left", "right")]
+#: Normal (not fat-suppressed) phantoms across the conditions the check must survive.
+NORMAL_PHANTOMS = {
+    "lps": {"seed": 3},
+    "ras_bias+30_lean": {"seed": 4, "orientation": "RAS", "bias_lr": 0.3,
+                         "fat_pct": {k: 0.5 for k in ALL_MUSCLES}},
+    "pir_bias-30_fatty": {"seed": 5, "orientation": "PIR", "bias_lr": -0.3,
+                          "fat_pct": {k: 40.0 for k in ALL_MUSCLES}},
+    "las_snr6": {"seed": 6, "orientation": "LAS", "snr": 6.0, "bias_lr": -0.28},
+}
+
+
+@pytest.fixture(scope="module")
+def small_phantoms() -> dict[str, synthetic.Phantom]:
+    return {
+        name: synthetic.make_phantom(template="small", shape=(48, 48, 4), **kw)
+        for name, kw in NORMAL_PHANTOMS.items()
+    }
+
+
+def _arrays(ph: synthetic.Phantom) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.asarray(ph.image.dataobj, dtype=np.float32), np.asarray(ph.mask.dataobj) > 0,
+            ph.image.affine)
+
+
+@pytest.mark.parametrize("name", list(NORMAL_PHANTOMS))
+def test_normal_phantoms_are_not_taken_for_fat_suppressed(small_phantoms, name):
+    img, muscle, affine = _arrays(small_phantoms[name])
+    tis = fat.tissue_intensities(img, muscle, affine, path="x.nii.gz")
+    assert tis.fat_to_bright > 0.65  # the bar is 0.6
+    assert 450 < tis.fat < 800  # pure fat 600, shaded by up to +-30 %
+
+
+@pytest.mark.parametrize("name", ["lps", "pir_bias-30_fatty"])
+@pytest.mark.parametrize("scale", [0.1, 0.3])
+def test_fat_suppressed_phantoms_are_refused(small_phantoms, name, scale):
+    """Every voxel scaled by (1 - (1 - scale) x true fat fraction): skin, fluid, bone unchanged."""
+    ph = small_phantoms[name]
+    img, muscle, affine = _arrays(ph)
+    fs = img * (1 - (1 - scale) * ph.fat_fraction)
+    with pytest.raises(InputFileError, match=r"fs_T2w\.nii\.gz: .*fat-suppressed image\?"):
+        fat.tissue_intensities(fs, muscle, affine, path="fs_T2w.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def example_arrays(example_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+    image = load_image(example_dir / "sub-0001_T2w.nii.gz")
+    mask = load_mask(example_dir / "sub-0001_T2w_dseg.nii.gz")
+    return np.asarray(image.data), np.asarray(mask.data) > 0, image.affine, image.zooms_mm
+
+
+def test_real_example_is_not_taken_for_fat_suppressed(example_arrays):
+    img, muscle, affine, _ = example_arrays
+    tis = fat.tissue_intensities(img, muscle, affine, path="sub-0001_T2w.nii.gz")
+    assert 0.7 < tis.fat_to_bright < 0.9
+    assert 580 < tis.fat < 680  # its posterior subcutaneous fat: 600-650
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.3])
+def test_real_example_with_suppressed_subcutaneous_fat_is_refused(example_arrays, scale):
+    """The example's bright fat more than 10 mm from the muscles (the subcutaneous fat) scaled
+    down; fat near and inside the muscles and everything darker keep their signal."""
+    img, muscle, affine, zooms = example_arrays
+    far = ndi.distance_transform_edt(~muscle, sampling=(zooms[0], zooms[1], 1e3)) > 10.0
+    fs = np.where(far & (img > 300), img * scale, img).astype(np.float32)
+    lean = fat.tissue_intensities(img, muscle, affine).muscle_mode
+    assert np.median(fs[far & (img > 300)]) > 5 * lean  # still well above lean muscle
+    with pytest.raises(InputFileError, match=r"sub-0001_T2w\.nii\.gz: " + FAT_SUPPRESSED):
+        fat.tissue_intensities(fs, muscle, affine, path="sub-0001_T2w.nii.gz")
+
+
+# ------------------------------------------------------------------------------ array shapes
+def test_volumes_whose_last_axis_is_3_raise_no_rgb_warning():
+    """scikit-image reads an array whose last axis has length 3 or 4 as RGB and warns."""
+    from skimage.filters import threshold_otsu
+
+    img, lab, _ = _body_phantom(noise_sd=5.0, n=64, nz=3)
+    block = img[18:46, 26:38, :]  # inside the muscle square
+    assert (lab[18:46, 26:38, :] > 0).all()
+    assert block.shape[-1] == 3
+    with pytest.warns(UserWarning, match="RGB"):  # the warning this test guards against
+        threshold_otsu(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        body = fat.body_mask(img, AFFINE_1MM, lab > 0)
+        tis = fat.tissue_intensities(img, lab > 0, AFFINE_1MM, body=body, noise_sd=5.0)
+        for method in fat.FAT_METHODS:
+            ref = fat.fit_reference(block, tis, method)
+            flat = fat.fit_reference(block.ravel(), tis, method)
+            assert ref.threshold == flat.threshold
+            assert ref.n_voxels == block.size
+            assert ref.fraction(block).shape == block.shape
+    assert tis.fat == pytest.approx(600.0, rel=0.02)
 
 
 # ------------------------------------------------------------------------------ classification
