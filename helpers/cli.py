@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from helpers.errors import EsmaError
 
@@ -32,15 +33,40 @@ def _add_metrics(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", required=True, type=Path, help="label JSON file")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--subject", help="subject ID (default: image name without _T2w/.nii.gz)")
-    p.add_argument("--fat-method", default=None, help="fat classification method")
+    p.add_argument(
+        "--fat-method",
+        default=None,
+        help="fat classification: unmix (default), gmm3, gmm2, kmeans2 or otsu",
+    )
     p.add_argument("--no-bias-correction", action="store_true", help="skip N4 bias correction")
     p.add_argument("--levels", type=Path, help="CSV slice->vertebral level table")
     p.set_defaults(func=_cmd_metrics)
 
 
 def _cmd_metrics(args: argparse.Namespace) -> int:
-    msg = "esma metrics is not implemented yet"
-    raise NotImplementedError(msg)
+    from helpers.metrics import MetricsSettings, measure_files, write_result
+
+    options: dict[str, object] = {}
+    if args.fat_method is not None:
+        options["fat_method"] = args.fat_method
+    if args.no_bias_correction:
+        options["bias_correction"] = False
+    settings = MetricsSettings.from_mapping(options)
+    result = measure_files(
+        args.image, args.mask, args.labels, subject=args.subject, settings=settings,
+        levels_path=args.levels,
+    )
+    paths = write_result(result, args.out)
+    n_flagged = int((result.metrics["flags"].str.contains("absent|truncated", regex=True)).sum())
+    log.info(
+        "%s: %d metric rows, %d asymmetry rows (%s, bias correction %s) -> %s",
+        result.reference["subject"], len(result.metrics), len(result.asymmetry),
+        settings.fat_method, "on" if settings.bias_correction else "off", paths["metrics"].parent,
+    )
+    if n_flagged:
+        log.warning("%d rows are NaN or partial (flags absent/truncated): see metrics.csv",
+                    n_flagged)
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------ scores and stats (issue 3)
@@ -48,13 +74,36 @@ def _add_scores(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scores", help="score ODI, SRS-22r, VAS and JOA from item-level answers")
     p.add_argument("--clinical", required=True, type=Path, help="clinical CSV, one row a subject")
     p.add_argument("--out", required=True, type=Path, help="output scores CSV")
-    p.add_argument("--skip-invalid", action="store_true", help="score valid rows, list the rest")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="score valid rows, list the rest in OUT_skipped.csv (exit code 1 if any)",
+    )
+    p.add_argument(
+        "--mapping",
+        type=Path,
+        help="YAML mapping of a site's columns/codes onto the standard layout",
+    )
     p.set_defaults(func=_cmd_scores)
 
 
 def _cmd_scores(args: argparse.Namespace) -> int:
-    msg = "esma scores is not implemented yet"
-    raise NotImplementedError(msg)
+    from helpers.clinical import load_clinical, load_mapping, write_table
+    from helpers.scores import score_clinical
+
+    mapping = load_mapping(args.mapping) if args.mapping else None
+    clinical = load_clinical(args.clinical, mapping)
+    scores, skipped = score_clinical(clinical, skip_invalid=args.skip_invalid)
+    write_table(scores, args.out)
+    log.info("scored %d subjects -> %s", len(scores), args.out)
+    skipped_path = args.out.with_name(f"{args.out.stem}_skipped.csv")
+    if len(skipped):
+        write_table(skipped, skipped_path)
+        n_subjects = skipped["row"].nunique()
+        log.warning("skipped %d row(s) with invalid values, listed in %s", n_subjects, skipped_path)
+        return EXIT_PARTIAL
+    skipped_path.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+    return EXIT_OK
 
 
 def _add_stats(sub: argparse._SubParsersAction) -> None:
@@ -63,12 +112,53 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scores", required=True, type=Path, help="scores CSV from esma scores")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--covariates", default="age,bmi", help="comma-separated partial covariates")
+    p.add_argument(
+        "--family",
+        default="group",
+        help="FDR family: group (default), group_score, group_index, group_muscle, "
+        "group_level or all; always within one method",
+    )
     p.set_defaults(func=_cmd_stats)
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    msg = "esma stats is not implemented yet"
-    raise NotImplementedError(msg)
+    from helpers.clinical import write_table
+    from helpers.stats import (
+        StatsInputError,
+        correlation_table,
+        interaction_table,
+        load_asymmetry,
+        load_scores,
+        match_subjects,
+        table1,
+    )
+
+    asymmetry = load_asymmetry(args.asymmetry)
+    scores = load_scores(args.scores)
+    covariates = tuple(c.strip() for c in args.covariates.split(",") if c.strip())
+    try:
+        _, unmatched = match_subjects(asymmetry, scores)
+        correlations = correlation_table(
+            asymmetry, scores, covariates=covariates, family=args.family
+        )
+        interactions = interaction_table(asymmetry, scores, covariates=covariates)
+        analysed = scores[scores["subject"].isin(set(asymmetry["subject"]))]
+        descriptive = table1(analysed)
+    except StatsInputError as exc:
+        msg = f"{args.asymmetry}, {args.scores}: {exc}"
+        raise EsmaError(msg) from exc
+    write_table(correlations, args.out / "correlations.csv")
+    write_table(interactions, args.out / "interactions.csv")
+    write_table(descriptive, args.out / "table1.csv")
+    write_table(unmatched, args.out / "unmatched.csv")
+    log.info(
+        "%d correlations, %d interactions, %d unmatched subject(s) -> %s",
+        len(correlations),
+        len(interactions),
+        len(unmatched),
+        args.out,
+    )
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------- segmentation (issue 4)
@@ -81,35 +171,128 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast", action="store_true", help="one fold, no mirror TTA, larger step")
     p.add_argument("--folds", help="comma-separated folds, e.g. 0,1")
     p.add_argument("--overwrite", action="store_true", help="redo subjects already segmented")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--no-split-sides", action="store_true",
+                   help="write the model's own labels (do not split unsided labels into sides)")
     p.set_defaults(func=_cmd_segment)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    msg = "esma segment is not implemented yet"
-    raise NotImplementedError(msg)
+    import os
+
+    # Idle OpenMP threads sleep instead of spinning (must be set before torch loads): on a shared
+    # CPU, spinning threads make inference several times slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from helpers.segment import SegmentSettings, find_images, segment_cohort
+
+    settings = SegmentSettings(device=args.device, fast=args.fast, num_threads=args.threads,
+                               folds=SegmentSettings.parse_folds(args.folds),
+                               split_sides=not args.no_split_sides)
+    images = find_images(args.images)
+    table = segment_cohort(images, args.model, args.out, settings, overwrite=args.overwrite,
+                           progress=sys.stderr.isatty())
+    counts = table["status"].value_counts().to_dict()
+    log.info("segment: %d done, %d skipped, %d failed; masks in %s", counts.get("done", 0),
+             counts.get("skipped", 0), counts.get("failed", 0), args.out)
+    failed = table[table["status"] == "failed"]
+    for err in failed["error"]:
+        print(f"esma segment: failed: {err}", file=sys.stderr)  # noqa: T201
+    return EXIT_PARTIAL if len(failed) else EXIT_OK
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train and export an nnU-Net v2 model from labelled scans")
+    p.add_argument("--images", required=True, type=Path, help="folder of images")
+    p.add_argument("--masks", required=True, type=Path,
+                   help="folder of masks named <subject>_dseg.nii.gz (or like the image)")
+    p.add_argument("--labels", required=True, type=Path, help="label JSON file of the masks")
+    p.add_argument("--out", required=True, type=Path, help="model zip to write")
+    p.add_argument("--work", required=True, type=Path, help="scratch folder for nnU-Net")
+    p.add_argument("--configuration", default="2d", help="nnU-Net configuration (2d, 3d_fullres)")
+    p.add_argument("--folds", default="0,1,2,3,4", help="folds to train, e.g. 0 or 0,1,2,3,4")
+    p.add_argument("--epochs", type=int, default=1000, help="training epochs")
+    p.add_argument("--iterations", type=int, default=250, help="iterations per epoch")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset ID (11-999)")
+    p.add_argument("--dataset-name", default="EsmaMuscles", help="nnU-Net dataset name")
+    p.add_argument("--small", action="store_true",
+                   help="shrink the 2d network for CPU training (helpers.training.SmallNetwork)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from helpers.segment import SegmentSettings
+    from helpers.training import SmallNetwork, TrainSettings, pair_cases, train_model
+
+    folds = SegmentSettings.parse_folds(args.folds) or (0,)
+    settings = TrainSettings(
+        dataset_id=args.dataset_id, dataset_name=args.dataset_name,
+        configuration=args.configuration, folds=folds, epochs=args.epochs,
+        iterations_per_epoch=args.iterations, device=args.device,
+        small_network=SmallNetwork() if args.small else None,
+    )
+    cases = pair_cases(args.images, args.masks)
+    result = train_model(cases, args.labels, args.work, args.out, settings)
+    dice = result.validation.groupby(["muscle", "side"], dropna=False, sort=False)["dice"].mean()
+    log.info("train: model %s (%.0f min); validation Dice:\n%s", result.model_zip,
+             result.seconds / 60, dice.round(3).to_string())
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------- pipeline (issues 5, 7)
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the four notebooks of a study through papermill")
     p.add_argument("study", type=Path, help="study YAML file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--show-output", action="store_true",
+                   help="echo the notebooks' printed output while they run")
     p.set_defaults(func=_cmd_run)
 
 
+def _report_run(result: Any) -> int:
+    """Print where a run's reports are and return its exit code (0, 1 or 2)."""
+    n_failed = int(result.failures["subject"].nunique())
+    stopped = [nb.name for nb in result.notebooks if not nb.ok]
+    head = f"esma: run {result.run_id} of study {result.study}"
+    lines = [f"{head}: {result.seconds:.0f} s, exit code {result.exit_code}"]
+    if stopped:
+        lines.append(f"esma: notebook(s) stopped: {', '.join(stopped)} (see their HTML reports)")
+    if n_failed:
+        lines.append(f"esma: {n_failed} subject(s) failed: see failures.csv")
+    lines.append(f"esma: report: {result.index}")
+    print("\n".join(lines))  # noqa: T201
+    return int(result.exit_code)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    msg = "esma run is not implemented yet"
-    raise NotImplementedError(msg)
+    from helpers.pipeline import run_study
+
+    result = run_study(args.study, progress=not args.quiet, stream_output=args.show_output)
+    return _report_run(result)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build the bundled demo study and run the whole pipeline")
     p.add_argument("--out", type=Path, default=Path("reports/demo"), help="demo folder")
+    p.add_argument("--subjects", type=int, default=None,
+                   help="number of synthetic subjects (default 24, plus the example scan)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    msg = "esma demo is not implemented yet"
-    raise NotImplementedError(msg)
+    from dataclasses import replace
+
+    from helpers.demo import DemoSpec, run_demo
+
+    spec = DemoSpec()
+    if args.subjects is not None:
+        if args.subjects < 1:
+            parser_msg = f"--subjects must be at least 1, got {args.subjects}"
+            raise EsmaError(parser_msg)
+        spec = replace(spec, n_synthetic=args.subjects)
+    result = run_demo(args.out, spec, progress=not args.quiet)
+    return _report_run(result)
 
 
 # ----------------------------------------------------------------------- DICOM ingest (issue 6)
@@ -117,12 +300,37 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="convert DICOM axial T2 series to pseudonymized NIfTI")
     p.add_argument("dicom_dir", type=Path, help="folder of DICOM files (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument(
+        "--key",
+        type=Path,
+        help="pseudonym key CSV, kept private (default OUT/../esma_pseudonym_key.csv)",
+    )
+    p.add_argument("--secret-file", type=Path, help="pseudonym secret (default KEY.secret)")
+    p.add_argument(
+        "--allow-fat-suppressed", action="store_true", help="write fat-suppressed series (noted)"
+    )
+    p.add_argument(
+        "--allow-windowed", action="store_true", help="write windowed/8-bit series (noted)"
+    )
+    p.add_argument(
+        "--max-axial-angle", type=float, default=30.0, help="degrees from axial still axial"
+    )
     p.set_defaults(func=_cmd_ingest)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    msg = "esma ingest is not implemented yet"
-    raise NotImplementedError(msg)
+    from helpers.dicom import IngestRules, ingest
+
+    rules = IngestRules(
+        allow_fat_suppressed=args.allow_fat_suppressed,
+        allow_windowed=args.allow_windowed,
+        max_axial_angle_deg=args.max_axial_angle,
+    )
+    result = ingest(
+        args.dicom_dir, args.out, key_path=args.key, secret_path=args.secret_file, rules=rules
+    )
+    log.info("wrote %d images and %s", len(result.images), args.out / "ingest.csv")
+    return EXIT_PARTIAL if result.failed else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------ main
@@ -131,6 +339,7 @@ _ADDERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_scores,
     _add_stats,
     _add_segment,
+    _add_train,
     _add_run,
     _add_demo,
     _add_ingest,

@@ -75,7 +75,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,7 @@ __all__ = [
     "fit_reference",
     "n4_correct",
     "rice_mean",
+    "shared_intermediates",
     "subcutaneous_band",
     "tissue_intensities",
 ]
@@ -323,6 +326,89 @@ def bias_correction_effect(
 # --------------------------------------------------------------------------------------------
 
 
+#: Distances to the muscles are computed at least this far (mm; see :func:`_distance_to`).
+_NEAR_REACH_MM = 12.0
+#: Memo of one measurement's intermediate masks and distance maps (:func:`shared_intermediates`).
+_MEMO: ContextVar[dict[tuple[Any, ...], Any] | None] = ContextVar("esma_fat_memo", default=None)
+
+
+@contextmanager
+def shared_intermediates() -> Iterator[None]:
+    """Compute each distance map and posterior mask once within this block.
+
+    :func:`subcutaneous_band`, :func:`tissue_intensities` (perimuscular shell, fat-suppression
+    check) and :func:`estimate_noise_sd` derive the same in-plane distance maps and posterior
+    masks from the same body and muscle masks; :func:`helpers.metrics.measure` runs them inside
+    this block so each is computed once per scan.  Results are identical with or without it
+    (entries are keyed on the exact input bytes).  The memo lives only inside the block and
+    only in the current thread or task context, so nothing is kept between subjects.
+    """
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _memo(key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+    """``compute()``, or its stored result for ``key`` inside :func:`shared_intermediates`.
+
+    Stored arrays are made read-only, so a caller that would modify one fails loudly.
+    """
+    memo = _MEMO.get()
+    if memo is None:
+        return compute()
+    if key not in memo:
+        value = compute()
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False
+        memo[key] = value
+    return memo[key]
+
+
+def _slice_key(mask2d: NDArray[np.bool_], sampling: tuple[float, ...]) -> tuple[Any, ...]:
+    m = np.asarray(mask2d, dtype=bool)
+    return (m.shape, sampling, m.tobytes())
+
+
+def _depth_mm(inside: NDArray[np.bool_], sampling: tuple[float, ...]) -> NDArray[np.float64]:
+    """In-plane distance (mm) of each pixel of a 2-D mask to the nearest pixel outside it."""
+    return _memo(
+        ("depth", *_slice_key(inside, sampling)),
+        lambda: ndi.distance_transform_edt(inside, sampling=sampling),
+    )
+
+
+def _distance_to(
+    features: NDArray[np.bool_], sampling: tuple[float, ...], reach_mm: float
+) -> NDArray[np.float64]:
+    """In-plane distance (mm) of each pixel of a 2-D slice to the nearest ``features`` pixel.
+
+    The values of ``ndi.distance_transform_edt(~features, sampling=sampling)`` for every pixel
+    within ``reach_mm`` of a feature; pixels farther away may read ``inf`` instead.  The
+    transform runs on the features' bounding box grown by ``reach_mm`` only: every feature lies
+    in it, so its nearest-feature distances are those of the whole slice.  ``features`` must
+    hold at least one pixel.
+    """
+    key = ("near", *_slice_key(features, sampling))
+    memo = _MEMO.get()
+    if memo is not None and key in memo and memo[key][0] >= reach_mm:
+        return memo[key][1]
+    # One reach for the band's clearance (5 mm) and the perimuscular shell (10 mm): one map.
+    reach_mm = max(float(reach_mm), _NEAR_REACH_MM)
+    out = np.full(features.shape, np.inf)
+    box = []
+    for axis, spacing in enumerate(sampling):
+        hits = np.flatnonzero(features.any(axis=1 - axis))
+        grow = int(reach_mm / spacing) + 1  # pixels beyond it are farther than reach_mm
+        box.append(slice(max(0, hits[0] - grow), min(features.shape[axis], hits[-1] + grow + 1)))
+    out[tuple(box)] = ndi.distance_transform_edt(~features[tuple(box)], sampling=sampling)
+    if memo is not None:
+        out.flags.writeable = False
+        memo[key] = (reach_mm, out)
+    return out
+
+
 def _slice_axis(affine: NDArray[np.float64]) -> int:
     from helpers.nifti import slice_axis
 
@@ -383,21 +469,43 @@ def body_mask(
         ))
         edge = edge[edge > 0]
         if edge.size:
-            sizes = np.bincount(labels.ravel(), minlength=n + 1)[edge]
-            means = np.asarray(ndi.mean(arr, labels, edge))
+            flat = labels.ravel()
+            counts = np.bincount(flat, minlength=n + 1)
+            sizes = counts[edge]
+            # = ndi.mean(arr, labels, edge): the same per-label sums (np.bincount, same order)
+            means = np.bincount(flat, weights=arr.ravel())[edge] / counts[edge].astype(np.float64)
             biggest = int(np.argmax(sizes))
             keep = edge[means <= 1.2 * float(means[biggest]) + 1e-6]
-            air = np.isin(labels, keep)
+            is_air = np.zeros(n + 1, dtype=bool)
+            is_air[keep] = True
+            air = is_air[labels]
     inside = ~air
     lab_in, n_in = ndi.label(inside)
     if n_in > 1:
         sizes = np.bincount(lab_in.ravel())
         sizes[0] = 0
         inside = lab_in == int(np.argmax(sizes))
-    moved = np.moveaxis(inside, ax, -1)
-    for k in range(moved.shape[-1]):
-        moved[..., k] = ndi.binary_fill_holes(moved[..., k])
-    return inside
+    # Fill holes slice by slice (ndi.binary_fill_holes of each slice, 4-connected): the
+    # background connected in-plane to its slice's border stays out, the rest is filled; one
+    # labelling of all slices with an in-plane structure.
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1, 1, 1] = True
+    for a in range(3):
+        if a != ax:
+            for end in (0, 2):
+                idx = [1, 1, 1]
+                idx[a] = end
+                structure[tuple(idx)] = True
+    background, n_bg = ndi.label(~inside, structure=structure)
+    if not n_bg:
+        return inside
+    moved = np.moveaxis(background, ax, -1)
+    outside = np.zeros(n_bg + 1, dtype=bool)
+    outside[np.concatenate(
+        [moved[0].ravel(), moved[-1].ravel(), moved[:, 0].ravel(), moved[:, -1].ravel()]
+    )] = True
+    outside[0] = False
+    return ~outside[background]
 
 
 _body_mask_of = body_mask  # n4_correct's parameter shadows the name
@@ -414,6 +522,17 @@ def _posterior_of_muscle(
     muscle: NDArray[np.bool_], affine: NDArray[np.float64], ax: int
 ) -> NDArray[np.bool_]:
     """Voxels posterior (world y below) the muscles' mean y on their slice."""
+    muscle = np.asarray(muscle, dtype=bool)
+    if _MEMO.get() is None:
+        return _posterior_of_muscle_uncached(muscle, affine, ax)
+    key = ("posterior", muscle.shape, ax, np.asarray(affine, dtype=np.float64).tobytes(),
+           muscle.tobytes())
+    return _memo(key, lambda: _posterior_of_muscle_uncached(muscle, affine, ax))
+
+
+def _posterior_of_muscle_uncached(
+    muscle: NDArray[np.bool_], affine: NDArray[np.float64], ax: int
+) -> NDArray[np.bool_]:
     y = np.broadcast_to(_world_coordinate(muscle.shape, affine, 1), muscle.shape)
     y_m = np.moveaxis(y, ax, -1)
     mus_m = np.moveaxis(muscle, ax, -1)
@@ -459,10 +578,10 @@ def subcutaneous_band(
         b = body_m[..., k]
         if not b.any() or b.all():
             continue
-        depth = ndi.distance_transform_edt(b, sampling=inplane)
+        depth = _depth_mm(b, inplane)
         sel = b & (depth >= depth_mm[0]) & (depth <= depth_mm[1])
         if muscle_m[..., k].any():
-            clear = ndi.distance_transform_edt(~muscle_m[..., k], sampling=inplane)
+            clear = _distance_to(muscle_m[..., k], inplane, clearance_mm)
             sel &= clear > clearance_mm
         band[..., k] = sel
     band = np.moveaxis(band, -1, ax)
@@ -483,7 +602,7 @@ def _perimuscular_shell(
     shell = np.zeros(mus_m.shape, dtype=bool)
     for k in range(mus_m.shape[-1]):
         if mus_m[..., k].any():
-            d = ndi.distance_transform_edt(~mus_m[..., k], sampling=inplane)
+            d = _distance_to(mus_m[..., k], inplane, outer_mm)
             shell[..., k] = (d >= inner_mm) & (d <= outer_mm)
     shell = np.moveaxis(shell, -1, ax)
     return shell & _posterior_of_muscle(np.asarray(muscle, dtype=bool), affine, ax)
@@ -504,7 +623,7 @@ def _without_skin_rim(
     core = np.zeros(band_m.shape, dtype=bool)
     for k in range(band_m.shape[-1]):
         if band_m[..., k].any():
-            depth = ndi.distance_transform_edt(body_m[..., k], sampling=inplane)
+            depth = _depth_mm(body_m[..., k], inplane)
             core[..., k] = band_m[..., k] & (depth > rim)
     return np.moveaxis(core, -1, ax)
 
@@ -596,16 +715,38 @@ def rice_mean(nu: NDArray | float, sd: NDArray | float) -> NDArray[np.float64]:
 
 
 def _rice_mode(nu: float, sd: float) -> float:
-    """Most likely value of a Rician signal (numerical)."""
+    """Most likely value of a Rician signal (numerical: the log-density's maximum on a grid of
+    4001 points up to ``nu + 6 sd``, refined by a parabola through it and its neighbours)."""
     from scipy.special import i0e
 
     if sd <= 0:
         return float(nu)
     x = np.linspace(1e-6, nu + 6 * sd, 4001)
-    logpdf = np.log(x) - (x - nu) ** 2 / (2 * sd**2) + np.log(i0e(x * nu / sd**2))
-    i = int(np.argmax(logpdf))
-    if 0 < i < x.size - 1:
-        y0, y1, y2 = logpdf[i - 1], logpdf[i], logpdf[i + 1]
+
+    def logpdf(lo: int, hi: int) -> NDArray[np.float64]:
+        xs = x[lo:hi]
+        return np.log(xs) - (xs - nu) ** 2 / (2 * sd**2) + np.log(i0e(xs * nu / sd**2))
+
+    # The density is unimodal, so the grid maximum is the one point of a window that is higher
+    # than both its neighbours: evaluate a window around sqrt(nu^2 + sd^2) (the mode for nu = 0
+    # and for nu >> sd) and widen it uphill until its maximum lies inside.  The same grid point
+    # as evaluating the whole grid (amplitude_from_mode calls this ~50 times per tissue).
+    n = x.size
+    guess = math.sqrt(nu * nu + sd * sd)
+    i = min(n - 1, max(0, round(float((guess - x[0]) / (x[1] - x[0])))))
+    lo, hi = max(0, i - 8), min(n, i + 9)
+    y = logpdf(lo, hi)
+    while True:
+        j = int(np.argmax(y))
+        if j == 0 and lo > 0:
+            lo, y = max(0, lo - 32), np.concatenate([logpdf(max(0, lo - 32), lo), y])
+        elif j == y.size - 1 and hi < n:
+            hi, y = min(n, hi + 32), np.concatenate([y, logpdf(hi, min(n, hi + 32))])
+        else:
+            break
+    i = lo + j
+    if 0 < i < n - 1:
+        y0, y1, y2 = y[j - 1], y[j], y[j + 1]
         denom = y0 - 2 * y1 + y2
         if denom < 0:
             return float(x[i] + (x[1] - x[0]) * 0.5 * (y0 - y2) / denom)

@@ -381,22 +381,27 @@ def _clean_levels(table: pd.DataFrame, subject: str | None, where: Path | str) -
         if table.empty:
             raise InputFileError(where, f"levels table has no rows for subject {subject!r}")
     slices = pd.to_numeric(table["slice"], errors="coerce")
-    bad = slices.isna() | (slices != np.round(slices)) | (slices < 0)
+    if slices.dtype == np.int64:  # the usual case (integers read from CSV): whole, never NaN
+        bad = slices.to_numpy() < 0
+    else:
+        bad = (slices.isna() | (slices != np.round(slices)) | (slices < 0)).to_numpy(dtype=bool)
     if bad.any():
-        first = table.loc[bad, "slice"].iloc[0]
+        first = table["slice"].iloc[int(np.argmax(bad))]
         msg = f"levels table: slice must be a non-negative integer, got {first!r}"
         raise InputFileError(where, msg)
-    out = pd.DataFrame(
-        {"slice": slices.astype(np.int64).to_numpy(), "level": table["level"].astype("string")}
-    )
-    out = out[out["level"].notna() & (out["level"].str.strip() != "")]
-    out["level"] = out["level"].str.strip()
-    dup = out["slice"].duplicated()
+    level = table["level"].astype("string")
+    stripped = level.str.strip()
+    keep = (level.notna() & (stripped != "")).to_numpy(dtype=bool)
+    slice_arr = slices.astype(np.int64).to_numpy()[keep]
+    _, first_seen = np.unique(slice_arr, return_index=True)
+    dup = np.ones(slice_arr.size, dtype=bool)
+    dup[first_seen] = False
     if dup.any():
-        msg = f"levels table: slice {int(out.loc[dup, 'slice'].iloc[0])} is listed twice"
+        msg = f"levels table: slice {int(slice_arr[int(np.argmax(dup))])} is listed twice"
         raise InputFileError(where, msg)
+    out = pd.DataFrame({"slice": slice_arr, "level": stripped.array[keep]})
     out.attrs["path"] = str(where)
-    return out.reset_index(drop=True)
+    return out
 
 
 def _slice_levels(
@@ -405,11 +410,16 @@ def _slice_levels(
     n_slices: int,
     vertebra: dict[int, str],
     mask_moved: NDArray,
+    *,
+    clean: bool = True,
 ) -> tuple[list[str | None], str]:
-    """Level name of each slice (None when unknown) and where the levels came from."""
+    """Level name of each slice (None when unknown) and where the levels came from.
+
+    ``clean=False``: ``levels`` is already the output of :func:`_clean_levels` for ``subject``.
+    """
     if levels is not None:
         where = levels.attrs.get("path", "<levels table>")
-        table = _clean_levels(levels, subject, where)
+        table = _clean_levels(levels, subject, where) if clean else levels
         too_big = table["slice"] >= n_slices
         if too_big.any():
             msg = (
@@ -475,6 +485,29 @@ def _join(flags: list[str] | set[str]) -> str:
     return ";".join(sorted(set(flags), key=lambda f: (order.get(f, 99), f)))
 
 
+def _unique_values(data: NDArray) -> NDArray:
+    """Sorted distinct values of an array (``np.unique``; by counting for small non-negative
+    integers, which avoids sorting the whole volume)."""
+    arr = np.asarray(data)
+    if arr.dtype.kind in "iu" and arr.size:
+        flat = arr.ravel(order="K")  # memory order: no copy
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo >= 0 and hi <= 65535:
+            return np.flatnonzero(np.bincount(flat, minlength=hi + 1)).astype(arr.dtype)
+    return np.unique(arr)
+
+
+def _isin(arr: NDArray, values: list[int]) -> NDArray[np.bool_]:
+    """``np.isin(arr, values)``; by table look-up for a non-negative integer array."""
+    if arr.dtype.kind in "iu" and values and arr.size:
+        top = max(int(arr.max()), max(values))
+        if int(arr.min()) >= 0 and top <= 65535:
+            member = np.zeros(top + 1, dtype=bool)
+            member[values] = True
+            return member[arr]
+    return np.isin(arr, values)
+
+
 def _split_unsided(
     mask: NDArray, affine: NDArray[np.float64], labels: LabelTable
 ) -> tuple[NDArray, LabelTable]:
@@ -524,6 +557,22 @@ def measure(
     InputFileError
         Fat-suppressed image, no muscle voxels, bad levels table.
     """
+    with fat.shared_intermediates():
+        return _measure(image, mask, labels, subject=subject, settings=settings, levels=levels)
+
+
+def _measure(
+    image: Volume,
+    mask: Volume,
+    labels: LabelTable,
+    *,
+    subject: str,
+    settings: MetricsSettings | None = None,
+    levels: pd.DataFrame | None = None,
+    levels_clean: bool = False,
+) -> MeasureResult:
+    """:func:`measure`; ``levels_clean``: ``levels`` comes straight from :func:`read_levels`
+    for this subject (already validated, so it is not cleaned twice)."""
     settings = settings or MetricsSettings()
     t_start = time.perf_counter()
     for vol, what in ((image, "image"), (mask, "mask")):
@@ -535,7 +584,7 @@ def measure(
     n_bad = int(np.count_nonzero(~np.isfinite(image.data)))
     if n_bad:
         raise InputFileError(image.path or Path("<image>"), f"{n_bad} voxels are NaN or infinite")
-    values_present = np.unique(mask.data)
+    values_present = _unique_values(mask.data)
     labels.check_values(values_present, mask.path)
     where_image = image.path or Path("<image>")
     mask_arr = np.asarray(mask.data)
@@ -566,7 +615,7 @@ def measure(
         raise InputFileError(mask.path or Path("<mask>"), msg)
     n_z = img.shape[ax]
     slice_level, levels_source = _slice_levels(
-        levels, subject, n_z, vertebra, np.moveaxis(vertebra_arr, ax, -1)
+        levels, subject, n_z, vertebra, np.moveaxis(vertebra_arr, ax, -1), clean=not levels_clean
     )
 
     # ---- bias correction
@@ -605,7 +654,7 @@ def measure(
 
     # ---- fat reference: once per subject (or per level), both sides pooled
     pool_values = [lab.value for lab in table.labels if settings.pool_psoas or not _is_psoas(lab.muscle)]
-    pool = np.isin(mask_arr, pool_values)
+    pool = _isin(mask_arr, pool_values)
     if not pool.any():  # only psoas in the mask: pool it after all
         pool = muscle
     groups: list[tuple[str, NDArray[np.bool_]]] = [("subject", np.ones(n_z, dtype=bool))]
@@ -620,26 +669,32 @@ def measure(
     for name, sel_slices in reversed(groups):  # levels first, the subject fit fills the rest
         if name == "subject":
             sel_slices = ~covered
-        sel = _slice_selector(img.shape, ax, sel_slices)
-        g_muscle = muscle & sel
-        g_pool = pool & sel
+        if sel_slices.all():  # the whole stack: no copies
+            g_muscle, g_pool, g_body, g_band = muscle, pool, body, band
+        else:
+            sel = _slice_selector(img.shape, ax, sel_slices)
+            g_muscle, g_pool, g_body, g_band = muscle & sel, pool & sel, body & sel, band & sel
         if not g_muscle.any():
             continue
         if not g_pool.any():
             g_pool = g_muscle
         noise_pool = raw_sd / bias[g_pool] if bias is not None else np.full(1, raw_sd)
+        pool_values_g = work[g_pool]
         tissues = fat.tissue_intensities(
-            work, g_muscle, affine, body=body & sel, band=band & sel,
-            muscle_values=work[g_pool], noise_sd=float(np.median(noise_pool)),
+            work, g_muscle, affine, body=g_body, band=g_band,
+            muscle_values=pool_values_g, noise_sd=float(np.median(noise_pool)),
             path=where_image,
         )
-        ref = fat.fit_reference(work[g_pool], tissues, settings.fat_method, scope=name)
+        ref = fat.fit_reference(pool_values_g, tissues, settings.fat_method, scope=name)
         collapsed_any |= ref.collapsed
         fits.append({**ref.to_dict(), "tissues": tissues.to_dict()})
         vals = work[g_muscle]
         noise = raw_sd / bias[g_muscle] if bias is not None else raw_sd
-        fraction_map[g_muscle] = ref.fraction(vals, clip=True, noise_sd=noise)
-        unclipped_map[g_muscle] = ref.fraction(vals, clip=False, noise_sd=noise)
+        unclipped = ref.fraction(vals, clip=False, noise_sd=noise)
+        unclipped_map[g_muscle] = unclipped
+        # = ref.fraction(vals, clip=True, ...): rounding to float32 is monotonic and keeps 0 and
+        # 1, so clipping after it gives the same values (and skips a second evaluation).
+        fraction_map[g_muscle] = np.clip(unclipped, 0.0, 1.0)
         covered |= sel_slices
     reference["fits"] = list(reversed(fits))
     reference["pooled_muscles"] = sorted(
@@ -673,6 +728,20 @@ def _slice_selector(shape: tuple[int, ...], ax: int, sel: NDArray[np.bool_]) -> 
     return np.broadcast_to(np.asarray(sel, dtype=bool).reshape(view), shape)
 
 
+def _flag_strings(bits: NDArray[np.bool_]) -> list[str]:
+    """``;``-joined flags of each row of ``bits`` (n_rows x len(FLAGS)), in :data:`FLAGS` order.
+
+    Same strings as :func:`_join` of the flags set on each row.
+    """
+    codes = bits.astype(np.int64) @ (1 << np.arange(len(FLAGS), dtype=np.int64))
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    names = [";".join(f for j, f in enumerate(FLAGS) if int(c) >> j & 1) for c in uniq]
+    return [names[i] for i in inverse.ravel()]
+
+
+_FLAG = {f: j for j, f in enumerate(FLAGS)}
+
+
 def _tabulate(
     mask_arr: NDArray,
     fraction: NDArray,
@@ -684,142 +753,185 @@ def _tabulate(
     settings: MetricsSettings,
     collapsed: bool,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    lab_m = np.moveaxis(mask_arr, ax, -1)
-    frac_m = np.moveaxis(fraction, ax, -1)
-    nx, ny, nz = lab_m.shape
+    """Per-slice and aggregate rows of every label, and the asymmetry table.
+
+    One pass over the labelled voxels gives per-label, per-slice voxel counts and fat sums
+    (``np.bincount`` over ``label * n_slices + slice`` codes); every row is then computed from
+    those small arrays, column-wise, and each table is built once from its columns.
+    """
+    shape = np.shape(mask_arr)
+    nz = shape[ax]
+    p_ax, q_ax = (a for a in range(3) if a != ax)
+    nx, ny = shape[p_ax], shape[q_ax]
     labs = list(table.labels)
+    n_lab = len(labs)
     lut = np.full(int(max(lab.value for lab in labs)) + 1, -1, dtype=np.int64)
     for i, lab in enumerate(labs):
         lut[lab.value] = i
-    nzv = np.nonzero(lab_m)
-    vals = lab_m[nzv]
-    li = lut[vals]
+    # Labelled voxels in C order.  Within one (label, slice) bin that is the order of the
+    # slice-last view too, so the per-bin sums below do not depend on the slice axis.
+    flat = np.ravel(mask_arr)
+    idx = np.flatnonzero(flat)
+    li = lut[flat[idx]]
     keep = li >= 0
-    ii, jj, kk, li = nzv[0][keep], nzv[1][keep], nzv[2][keep], li[keep]
+    idx, li = idx[keep], li[keep]
+    coords = np.unravel_index(idx, shape)
+    ii, jj, kk = coords[p_ax], coords[q_ax], coords[ax]
     key = li * nz + kk
-    n_keys = len(labs) * nz
-    counts = np.bincount(key, minlength=n_keys).reshape(len(labs), nz)
-    fsum = np.bincount(key, weights=frac_m[nzv][keep].astype(np.float64), minlength=n_keys)
-    fsum = fsum.reshape(len(labs), nz)
+    n_keys = n_lab * nz
+    counts = np.bincount(key, minlength=n_keys).reshape(n_lab, nz)
+    weights = np.ravel(fraction)[idx].astype(np.float64)
+    fsum = np.bincount(key, weights=weights, minlength=n_keys).reshape(n_lab, nz)
     border = (ii == 0) | (ii == nx - 1) | (jj == 0) | (jj == ny - 1)
-    touch = np.bincount(key[border], minlength=n_keys).reshape(len(labs), nz) > 0
+    touch = np.bincount(key[border], minlength=n_keys).reshape(n_lab, nz) > 0
     present = counts > 0
     drop = touch & present if settings.edge_rule in ("inplane", "any") else np.zeros_like(touch)
     valid = present & ~drop
+    psoas = np.array([_is_psoas(lab.muscle) for lab in labs], dtype=bool)
+    muscles = [lab.muscle for lab in labs]
+    sides = [lab.side for lab in labs]
 
-    def pct(fs: float, n: int) -> float:
-        return float(np.clip(100.0 * fs / n, 0.0, 100.0)) if n else math.nan
-
-    common_flags = ["fat_reference_collapsed"] if collapsed else []
-    agg_rows: list[dict[str, Any]] = []
-    slice_rows: list[dict[str, Any]] = []
+    # ---- aggregate rows: groups ("all", then each level) x labels, group-major
     level_names = sorted({lev for lev in slice_level if lev is not None}, key=_level_key)
-    groups = [(ALL_LEVELS, np.ones(nz, dtype=bool))] + [
-        (n, np.array([lev == n for lev in slice_level])) for n in level_names
-    ]
+    gsel = np.ones((1 + len(level_names), nz), dtype=bool)
+    for g, name in enumerate(level_names, start=1):
+        gsel[g] = [lev == name for lev in slice_level]
+    n_g = gsel.shape[0]
     edge_slices = np.zeros(nz, dtype=bool)
     edge_slices[[0, nz - 1]] = True
-    for level, gsel in groups:
-        for i, lab in enumerate(labs):
-            flags = list(common_flags)
-            if _is_psoas(lab.muscle):
-                flags.append("psoas_t2_unreliable")
-            p = present[i] & gsel
-            v = valid[i] & gsel
-            row = {"subject": subject, "level": level, "slice": pd.NA, "muscle": lab.muscle,
-                   "side": lab.side, "method": settings.fat_method}
-            at_edge = bool((p & edge_slices).any())
-            if at_edge:
-                flags.append("z_edge")
-            nan_row = False
-            if not p.any():
-                flags.append("absent")
-                nan_row = True
-            elif not v.any():
-                flags.append("truncated")
-                nan_row = True
-            else:
-                if (drop[i] & gsel).any():
-                    flags.append("some_slices_truncated")
-                if at_edge and settings.edge_rule == "any":
-                    flags.append("truncated")
-                    nan_row = True
-            if nan_row:
-                row.update(n_slices=int(v.sum()), n_voxels=int(counts[i][v].sum()),
-                           csa_mm2=math.nan, fat_pct=math.nan, fcsa_mm2=math.nan)
-            else:
-                n_vox = int(counts[i][v].sum())
-                csa = float(counts[i][v].mean() * area)
-                fp = pct(float(fsum[i][v].sum()), n_vox)
-                row.update(n_slices=int(v.sum()), n_voxels=n_vox, csa_mm2=csa, fat_pct=fp,
-                           fcsa_mm2=csa * (1 - fp / 100.0))
-            row["flags"] = _join(flags)
-            agg_rows.append(row)
-    for k in range(nz):
-        for i, lab in enumerate(labs):
-            if not present[i, k]:
-                continue
-            flags = list(common_flags)
-            if _is_psoas(lab.muscle):
-                flags.append("psoas_t2_unreliable")
-            row = {"subject": subject, "level": slice_level[k], "slice": k,
-                   "muscle": lab.muscle, "side": lab.side, "n_slices": 1,
-                   "n_voxels": int(counts[i, k]), "method": settings.fat_method}
-            if touch[i, k]:
-                flags.append("truncated")
-            if drop[i, k]:
-                row.update(csa_mm2=math.nan, fat_pct=math.nan, fcsa_mm2=math.nan)
-            else:
-                csa = float(counts[i, k] * area)
-                fp = pct(float(fsum[i, k]), int(counts[i, k]))
-                row.update(csa_mm2=csa, fat_pct=fp, fcsa_mm2=csa * (1 - fp / 100.0))
-            row["flags"] = _join(flags)
-            slice_rows.append(row)
-    metrics = pd.DataFrame(agg_rows + slice_rows, columns=list(METRICS_COLUMNS))
-    metrics = _typed_metrics(metrics)
-    asym = _asymmetry(agg_rows, settings, [lab.muscle for lab in labs])
+    p = present[None, :, :] & gsel[:, None, :]  # (group, label, slice)
+    v = valid[None, :, :] & gsel[:, None, :]
+    any_p, any_v = p.any(axis=2), v.any(axis=2)
+    any_drop = (drop[None, :, :] & gsel[:, None, :]).any(axis=2)
+    at_edge = (p & edge_slices).any(axis=2)
+    n_slices = v.sum(axis=2)
+    n_vox = (counts[None, :, :] * v).sum(axis=2)
+    measured = any_p & any_v
+    some_cut = measured & any_drop
+    edge_cut = measured & at_edge & (settings.edge_rule == "any")
+    nan_row = ~measured | edge_cut
+    bits = np.zeros((n_g, n_lab, len(FLAGS)), dtype=bool)
+    bits[..., _FLAG["absent"]] = ~any_p
+    bits[..., _FLAG["truncated"]] = (any_p & ~any_v) | edge_cut
+    bits[..., _FLAG["some_slices_truncated"]] = some_cut
+    bits[..., _FLAG["z_edge"]] = at_edge
+    bits[..., _FLAG["psoas_t2_unreliable"]] = psoas[None, :]
+    bits[..., _FLAG["fat_reference_collapsed"]] = collapsed
+    # Pooled fat: the sum of the kept slices' fat, summed as np.sum sums the selected slices.
+    fs_agg = np.zeros((n_g, n_lab))
+    for g, i in zip(*np.nonzero(~nan_row), strict=True):
+        fs_agg[g, i] = fsum[i][v[g, i]].sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        csa_agg = n_vox / n_slices * area
+        fp_agg = np.clip(100.0 * fs_agg / n_vox, 0.0, 100.0)
+        fcsa_agg = csa_agg * (1 - fp_agg / 100.0)
+    for arr in (csa_agg, fp_agg, fcsa_agg):
+        arr[nan_row] = np.nan
+    agg_level = np.repeat(np.array([ALL_LEVELS, *level_names], dtype=object), n_lab)
+
+    # ---- per-slice rows: slice-major, labels present on the slice
+    ks, ls = np.nonzero(present.T)
+    s_counts = counts[ls, ks]
+    s_csa = s_counts.astype(np.float64) * area
+    s_fp = np.clip(100.0 * fsum[ls, ks] / s_counts, 0.0, 100.0)
+    s_fcsa = s_csa * (1 - s_fp / 100.0)
+    s_drop = drop[ls, ks]
+    for arr in (s_csa, s_fp, s_fcsa):
+        arr[s_drop] = np.nan
+    s_bits = np.zeros((ks.size, len(FLAGS)), dtype=bool)
+    s_bits[:, _FLAG["truncated"]] = touch[ls, ks]
+    s_bits[:, _FLAG["psoas_t2_unreliable"]] = psoas[ls]
+    s_bits[:, _FLAG["fat_reference_collapsed"]] = collapsed
+
+    n_agg, n_sl = n_g * n_lab, ks.size
+    n_rows = n_agg + n_sl
+    level_col = [*agg_level.tolist(), *(slice_level[k] for k in ks.tolist())]
+    slice_vals = np.zeros(n_rows, dtype=np.int64)
+    slice_vals[n_agg:] = ks
+    slice_na = np.zeros(n_rows, dtype=bool)
+    slice_na[:n_agg] = True
+    agg_flags = _flag_strings(bits.reshape(n_agg, len(FLAGS)))
+    metrics = pd.DataFrame({
+        "subject": [subject] * n_rows,
+        "level": pd.array(level_col, dtype="string"),
+        "slice": pd.arrays.IntegerArray(slice_vals, slice_na),
+        "muscle": muscles * n_g + [muscles[i] for i in ls.tolist()],
+        "side": sides * n_g + [sides[i] for i in ls.tolist()],
+        "n_slices": np.concatenate([n_slices.ravel(), np.ones(n_sl, dtype=np.int64)]).astype(
+            np.int64
+        ),
+        "n_voxels": np.concatenate([n_vox.ravel(), s_counts]).astype(np.int64),
+        "csa_mm2": np.concatenate([csa_agg.ravel(), s_csa]),
+        "fat_pct": np.concatenate([fp_agg.ravel(), s_fp]),
+        "fcsa_mm2": np.concatenate([fcsa_agg.ravel(), s_fcsa]),
+        "method": [settings.fat_method] * n_rows,
+        "flags": agg_flags + _flag_strings(s_bits),
+    })
+    asym = _asymmetry(
+        subject, [ALL_LEVELS, *level_names], muscles, sides, csa_agg, fp_agg, fcsa_agg, bits,
+        settings,
+    )
     return metrics, asym
 
 
-def _typed_metrics(df: pd.DataFrame) -> pd.DataFrame:
-    df["slice"] = df["slice"].astype("Int64")
-    df["level"] = df["level"].astype("string")
-    for c in ("n_slices", "n_voxels"):
-        df[c] = df[c].astype("int64")
-    for c in ("csa_mm2", "fat_pct", "fcsa_mm2"):
-        df[c] = df[c].astype("float64")
-    return df.reset_index(drop=True)
-
-
 def _asymmetry(
-    agg_rows: list[dict[str, Any]], settings: MetricsSettings, muscles: list[str]
+    subject: str,
+    levels: list[str],
+    muscles: list[str],
+    sides: list[str | None],
+    csa: NDArray,
+    fat_pct: NDArray,
+    fcsa: NDArray,
+    bits: NDArray[np.bool_],
+    settings: MetricsSettings,
 ) -> pd.DataFrame:
+    """Asymmetry rows (level-major, muscles in label-file order) from the aggregate arrays.
+
+    ``fat_pct``, ``fcsa`` (n_levels x n_labels) and ``bits`` (their flags) are the aggregate
+    rows of :func:`_tabulate`; a muscle needs a left and a right label (the last one of each
+    side when the label file repeats one).
+    """
     floor = settings.lfiar_floor_pct
-    by_key = {(r["level"], r["muscle"], r["side"]): r for r in agg_rows}
-    levels = list(dict.fromkeys(r["level"] for r in agg_rows))
-    rows = []
-    for level in levels:
-        for m in dict.fromkeys(muscles):
-            lr, rr = by_key.get((level, m, "left")), by_key.get((level, m, "right"))
-            if lr is None or rr is None:
-                continue
-            cdi = float(_cdi(lr["fcsa_mm2"], rr["fcsa_mm2"], settings.cdi_formula))
-            lf, lf_log = _lfiar(lr["fat_pct"], rr["fat_pct"], floor, settings.lfiar_formula)
-            flags = set(lr["flags"].split(";")) | set(rr["flags"].split(";"))
-            flags.discard("")
-            rows.append({
-                "subject": lr["subject"], "level": level, "muscle": m, "cdi": cdi,
-                "cdi_abs": abs(cdi), "lfiar": float(lf), "lfiar_log": float(lf_log),
-                "lfiar_floor_pct": floor, "fcsa_left_mm2": lr["fcsa_mm2"],
-                "fcsa_right_mm2": rr["fcsa_mm2"], "fat_pct_left": lr["fat_pct"],
-                "fat_pct_right": rr["fat_pct"], "method": settings.fat_method,
-                "flags": _join(flags),
-            })
-    out = pd.DataFrame(rows, columns=list(ASYMMETRY_COLUMNS))
-    out["level"] = out["level"].astype("string")
-    for c in ASYMMETRY_COLUMNS[3:12]:
-        out[c] = out[c].astype("float64")
-    return out
+    label_of: dict[tuple[str, str | None], int] = {}
+    for i, (m, s) in enumerate(zip(muscles, sides, strict=True)):
+        label_of[(m, s)] = i
+    pairs = [
+        (label_of[(m, "left")], label_of[(m, "right")])
+        for m in dict.fromkeys(muscles)
+        if (m, "left") in label_of and (m, "right") in label_of
+    ]
+    if not pairs:
+        out = pd.DataFrame([], columns=list(ASYMMETRY_COLUMNS))
+        out["level"] = out["level"].astype("string")
+        for c in ASYMMETRY_COLUMNS[3:12]:
+            out[c] = out[c].astype("float64")
+        return out
+    li = np.array([p[0] for p in pairs])
+    ri = np.array([p[1] for p in pairs])
+    n_lev, n_pair = len(levels), len(pairs)
+    fl, fr = fcsa[:, li].ravel(), fcsa[:, ri].ravel()
+    il, ir = fat_pct[:, li].ravel(), fat_pct[:, ri].ravel()
+    cdi = np.asarray(_cdi(fl, fr, settings.cdi_formula), dtype=np.float64)
+    lf, lf_log = _lfiar(il, ir, floor, settings.lfiar_formula)
+    flag_bits = (bits[:, li, :] | bits[:, ri, :]).reshape(n_lev * n_pair, len(FLAGS))
+    n = n_lev * n_pair
+    return pd.DataFrame({
+        "subject": [subject] * n,
+        "level": pd.array(np.repeat(np.array(levels, dtype=object), n_pair).tolist(),
+                          dtype="string"),
+        "muscle": [muscles[i] for i in li.tolist()] * n_lev,
+        "cdi": cdi,
+        "cdi_abs": np.abs(cdi),
+        "lfiar": np.asarray(lf, dtype=np.float64),
+        "lfiar_log": np.asarray(lf_log, dtype=np.float64),
+        "lfiar_floor_pct": np.full(n, floor, dtype=np.float64),
+        "fcsa_left_mm2": fl,
+        "fcsa_right_mm2": fr,
+        "fat_pct_left": il,
+        "fat_pct_right": ir,
+        "method": [settings.fat_method] * n,
+        "flags": _flag_strings(flag_bits),
+    })
 
 
 def to_convex_concave(
@@ -949,4 +1061,6 @@ def measure_files(
     labels = load_labels(labels_path)
     subject = subject or subject_from_filename(image_path)
     levels = read_levels(levels_path, subject) if levels_path is not None else None
-    return measure(image, mask, labels, subject=subject, settings=settings, levels=levels)
+    with fat.shared_intermediates():  # distance maps and masks computed once per scan
+        return _measure(image, mask, labels, subject=subject, settings=settings,
+                        levels=levels, levels_clean=True)

@@ -658,3 +658,90 @@ def test_speed_without_bias_correction_is_loose_but_bounded():
     t0 = time.perf_counter()
     measure(img, msk, ph.labels, subject="speed", settings=NO_N4)
     assert time.perf_counter() - t0 < 2.0  # target 0.5 s on one quiet core (benchmark)
+
+
+# ============================================================================ speed-ups, same numbers
+# The fast paths of the metrics stage must give exactly the numbers of the plain computations
+# they replace (benchmarks/bench_metrics.py measures the speed).
+def _rice_mode_full_grid(nu: float, sd: float) -> float:
+    """The plain computation: the log-density on the whole 4001-point grid."""
+    from scipy.special import i0e
+
+    x = np.linspace(1e-6, nu + 6 * sd, 4001)
+    logpdf = np.log(x) - (x - nu) ** 2 / (2 * sd**2) + np.log(i0e(x * nu / sd**2))
+    i = int(np.argmax(logpdf))
+    if 0 < i < x.size - 1:
+        y0, y1, y2 = logpdf[i - 1], logpdf[i], logpdf[i + 1]
+        denom = y0 - 2 * y1 + y2
+        if denom < 0:
+            return float(x[i] + (x[1] - x[0]) * 0.5 * (y0 - y2) / denom)
+    return float(x[i])
+
+
+def test_windowed_rice_mode_is_the_full_grid_maximum():
+    from helpers import fat
+
+    rng = np.random.default_rng(4)
+    sds = [1e-3, 0.5, 1.0, 7.0, 24.0, 300.0, *rng.uniform(0.05, 100, 12)]
+    for sd in sds:
+        nus = [0.0, 1e-9, 0.5 * sd, sd, 1.3 * sd, 3 * sd, 40 * sd, 2000 * sd,
+               *rng.uniform(0, 5 * sd, 8), *rng.uniform(0, 60 * sd, 8)]
+        for nu in nus:
+            assert fat._rice_mode(float(nu), float(sd)) == _rice_mode_full_grid(float(nu), float(sd))
+
+
+def test_distance_maps_on_a_crop_equal_the_whole_slice_transform():
+    from scipy import ndimage as ndi
+
+    from helpers import fat
+
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        shape = (int(rng.integers(8, 90)), int(rng.integers(8, 90)))
+        feats = ndi.binary_dilation(rng.random(shape) > 0.992, iterations=int(rng.integers(0, 4)))
+        if not feats.any():
+            continue
+        sampling = (float(rng.uniform(0.4, 3.0)), float(rng.uniform(0.4, 3.0)))
+        reach = float(rng.uniform(0.5, 15.0))
+        full = ndi.distance_transform_edt(~feats, sampling=sampling)
+        fast = fat._distance_to(feats, sampling, reach)
+        near = full <= reach
+        assert np.array_equal(fast[near], full[near])
+        assert np.all(fast[~near] > reach)
+
+
+def test_body_mask_fills_every_in_plane_hole():
+    from scipy import ndimage as ndi
+
+    from helpers import fat
+
+    # a bright body in dark air, with a dark cavity inside on every slice
+    img = np.full((60, 50, 4), 2.0, np.float32)
+    img[10:50, 8:42] = 400.0
+    img[20:30, 15:25] = 3.0
+    body = fat.body_mask(img, np.diag([1.0, 1.0, 4.0, 1.0]))
+    assert body[20:30, 15:25].all()
+    assert not body[:5].any()
+    assert not body[:, :4].any()
+    for k in range(body.shape[2]):
+        assert np.array_equal(body[..., k], ndi.binary_fill_holes(body[..., k]))
+
+
+def test_shared_intermediates_do_not_change_numbers(small_phantom):
+    from helpers import fat
+    from helpers.metrics import _measure
+
+    img, msk = _volumes(small_phantom)
+    for settings in (NO_N4, MetricsSettings(bias_correction=False, fat_method="otsu",
+                                            reference_scope="level")):
+        plain = _measure(img, msk, small_phantom.labels, subject="s", settings=settings,
+                         levels=small_phantom.levels)
+        with fat.shared_intermediates():
+            shared = _measure(img, msk, small_phantom.labels, subject="s", settings=settings,
+                              levels=small_phantom.levels)
+        pd.testing.assert_frame_equal(plain.metrics, shared.metrics, check_exact=True)
+        pd.testing.assert_frame_equal(plain.asymmetry, shared.asymmetry, check_exact=True)
+        assert np.array_equal(plain.fat_fraction, shared.fat_fraction, equal_nan=True)
+        a, b = dict(plain.reference), dict(shared.reference)
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b

@@ -1,0 +1,848 @@
+"""Study configuration: one YAML file describes a study; :func:`load_study` validates it up front.
+
+Every other part of the pipeline (the runner, the four notebooks) reads the validated
+:class:`Study`, never the raw YAML.  Every problem is reported with the file, the key and what is
+wrong, for example::
+
+    study.yml: metrics.fat_method: 'gmm4' is not one of gmm3, gmm2, kmeans2, otsu, unmix
+    (did you mean 'gmm3'?)
+
+Relative paths resolve against the YAML file's folder.  A minimal study::
+
+    study: lumbar2024                  # name: letters, digits, '.', '_' and '-'
+    images: images/*_T2w.nii.gz        # glob pattern, CSV manifest or BIDS-like folder
+    labels: labels.json
+    model: models/paraspinal.zip       # nnU-Net v2 model (zip or folder)
+
+Every key (:data:`STUDY_KEYS`)::
+
+    study: lumbar2024
+    description: ADS cohort, baseline scans        # shown in the reports
+    images: images/*_T2w.nii.gz    # or: cohort.csv (subject,image[,mask,manual_mask,levels])
+                                   # or: bids/ (sub-*/anat/*_T2w.nii.gz, sub-*/ses-*/anat/...)
+                                   # or explicitly {pattern: ...} / {manifest: ...} / {bids: ...}
+    labels: labels.json            # {"labels": [{"value": 1, "muscle": ..., "side": ...}]}
+    model: models/paraspinal.zip   # needed unless every subject has a mask
+    masks: masks/{subject}_dseg.nii.gz        # optional: existing masks, no segmentation
+    manual_masks: manual/                     # optional: for the QC Dice check
+    levels: levels.csv             # slice -> level: one CSV with a subject column, a folder,
+                                   # or a pattern with {subject}
+    clinical:                      # optional; without it the statistics notebook is skipped
+      path: clinical.xlsx
+      skip_invalid: true           # score valid rows, list invalid ones (default true)
+      columns: {Patient: subject, Geschlecht: sex}   # site column -> standard column
+      values: {sex: {m: M, w: F}}                     # site codes -> standard values
+      missing_values: ["NA", "-99"]
+      sheet: Baseline
+    segmentation: {device: auto, fast: true}          # helpers.segment.SegmentSettings
+    metrics: {fat_method: gmm3, bias_correction: true, lfiar_floor_pct: 0.5}
+                                                      # helpers.metrics.MetricsSettings
+    qc: {min_dice: 0.8, z_edge_status: flag}          # helpers.qc.QCSettings
+    statistics:
+      covariates: [age, bmi]       # partial Spearman
+      indices: [cdi, cdi_abs, lfiar, lfiar_log]       # also cdi_cc, cdi_cc_abs, lfiar_cc, ...
+      scores: null                 # null = every score the clinical data allow
+      muscles: null                # restrict muscles / levels (null = all)
+      levels: [all]
+      family: group                # FDR family (helpers.stats.correlation_table)
+      top_pairs: 4                 # scatter plots of the strongest pairs
+      alpha: 0.05
+    executor: {kind: processes, workers: 2}           # or sequential, or dask
+    output: reports/lumbar2024     # default reports/<study>; runs go to <output>/<run-id>/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from helpers.errors import ConfigError, EsmaError
+from helpers.nifti import subject_from_filename
+
+__all__ = [
+    "ASYMMETRY_INDICES",
+    "CONVEX_CONCAVE_INDICES",
+    "STUDY_KEYS",
+    "ClinicalSpec",
+    "StatisticsSpec",
+    "Study",
+    "SubjectFiles",
+    "load_study",
+    "parse_study",
+    "resolved_document",
+]
+
+log = logging.getLogger(__name__)
+
+#: Top-level keys of a study file and what they hold.
+STUDY_KEYS: dict[str, str] = {
+    "study": "study name (letters, digits, '.', '_', '-'); names the report folder",
+    "description": "free text shown in the reports (optional)",
+    "images": "glob pattern, CSV manifest (subject,image[,mask,manual_mask,levels]) "
+    "or BIDS-like folder (sub-*/anat/*_T2w.nii.gz)",
+    "labels": "label JSON file (value, muscle, side)",
+    "model": "nnU-Net v2 model, exported .zip or results folder (needed unless masks are given)",
+    "masks": "existing masks used instead of segmentation: pattern with {subject} or a folder",
+    "manual_masks": "manual masks for the QC Dice check: pattern with {subject} or a folder",
+    "levels": "slice->vertebral level CSV: pattern with {subject}, a folder, or one CSV with a "
+    "subject column",
+    "clinical": "clinical CSV/Excel path, or {path, skip_invalid, columns, values, ...}",
+    "segmentation": "segmentation settings (device, folds, step_size, mirror_tta, fast)",
+    "metrics": "measurement settings (fat_method, bias_correction, ...)",
+    "qc": "quality-control settings",
+    "statistics": "statistics settings (covariates, indices, scores, muscles, levels, ...)",
+    "executor": "how per-subject work runs (kind: sequential | processes | dask, ...)",
+    "output": "output folder; runs go to OUTPUT/<run-id>/ (default reports/<study>)",
+}
+REQUIRED_KEYS = ("study", "images", "labels")
+
+#: Asymmetry indices written by the metrics stage (left vs right), correlated by default.
+ASYMMETRY_INDICES = ("cdi", "cdi_abs", "lfiar", "lfiar_log")
+#: Convex-vs-concave versions, present when the clinical data give the curve's convex side.
+CONVEX_CONCAVE_INDICES = ("cdi_cc", "cdi_cc_abs", "lfiar_cc", "lfiar_cc_log")
+DEFAULT_COVARIATES = ("age", "bmi")
+#: Keys of the ``clinical`` section: the file, whether invalid rows are skipped (and listed)
+#: rather than stopping the run, and the site mapping of :class:`helpers.clinical.ClinicalMapping`.
+CLINICAL_KEYS = (
+    "path",
+    "skip_invalid",
+    "columns",
+    "values",
+    "missing_values",
+    "sheet",
+    "sep",
+    "decimal",
+)
+STATISTICS_KEYS = (
+    "covariates",
+    "indices",
+    "scores",
+    "muscles",
+    "levels",
+    "family",
+    "top_pairs",
+    "alpha",
+)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MASK_SUFFIXES = (".nii.gz", "_dseg.nii.gz", "_T2w_dseg.nii.gz", "_mask.nii.gz", ".nii")
+_LEVELS_SUFFIXES = ("_levels.csv", ".csv")
+_LOOKS_LIKE_MASK = re.compile(r"(_dseg|_mask|_seg|_label|_labels)\.nii(\.gz)?$")
+
+
+# ----------------------------------------------------------------------------- data classes
+@dataclass(frozen=True)
+class SubjectFiles:
+    """Input files of one subject (absolute paths).
+
+    Attributes
+    ----------
+    subject : str
+        Pseudonymous subject ID (file-name based unless a manifest names it).
+    image : Path
+        Axial T2 image.
+    mask : Path or None
+        Existing mask to use instead of segmentation.
+    manual_mask : Path or None
+        Manual mask for the QC Dice check.
+    levels : Path or None
+        Slice -> vertebral level CSV.
+    """
+
+    subject: str
+    image: Path
+    mask: Path | None = None
+    manual_mask: Path | None = None
+    levels: Path | None = None
+
+
+@dataclass(frozen=True)
+class ClinicalSpec:
+    """Where the clinical data are and how their columns map onto esma's names.
+
+    Attributes
+    ----------
+    path : Path
+        Clinical CSV or Excel file.
+    mapping : dict
+        The site mapping (columns, values, missing_values, sheet, sep, decimal) for
+        :func:`helpers.clinical.load_clinical`; empty for a file in the standard layout.
+    skip_invalid : bool
+        Score the valid rows and list the invalid ones (default) instead of stopping the run.
+    """
+
+    path: Path
+    mapping: dict[str, Any] = field(default_factory=dict)
+    skip_invalid: bool = True
+
+
+@dataclass(frozen=True)
+class StatisticsSpec:
+    """What the statistics notebook correlates.
+
+    Attributes
+    ----------
+    covariates : tuple of str
+        Covariates of the partial Spearman correlations (default age, bmi).
+    indices : tuple of str
+        Asymmetry indices to correlate (default cdi, cdi_abs, lfiar, lfiar_log).
+    scores : tuple of str or None
+        Score columns; None = every score the clinical data allow.
+    muscles, levels : tuple of str or None
+        Restrict to these muscles / vertebral levels; None = all present.
+    family : str
+        FDR family passed to :func:`helpers.stats.correlation_table` (default ``"group"``).
+    top_pairs : int
+        Number of index x score pairs shown as scatter plots.
+    alpha : float
+        Significance level for the FDR-adjusted p values.
+    """
+
+    covariates: tuple[str, ...] = DEFAULT_COVARIATES
+    indices: tuple[str, ...] = ASYMMETRY_INDICES
+    scores: tuple[str, ...] | None = None
+    muscles: tuple[str, ...] | None = None
+    levels: tuple[str, ...] | None = None
+    family: str = "group"
+    top_pairs: int = 4
+    alpha: float = 0.05
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study.
+
+    Attributes
+    ----------
+    name : str
+        Study name.
+    source : Path
+        The YAML file it was read from.
+    subjects : tuple of SubjectFiles
+        The cohort, sorted by subject ID.
+    labels : Path
+        Label JSON file.
+    model : Path or None
+        Segmentation model (zip or folder); None when every subject has a given mask.
+    clinical : ClinicalSpec or None
+        Clinical data, when given.
+    segmentation, metrics, qc, executor : dict
+        Validated option mappings of each stage (build the settings objects with the
+        ``*_settings`` methods).
+    statistics : StatisticsSpec
+        Statistics options.
+    output : Path
+        Output folder: run folders, the shared work folder and the QC decisions file live here.
+    description : str
+        Free text for the reports.
+    images_spec : str
+        How the images were found (for the reports).
+    """
+
+    name: str
+    source: Path
+    subjects: tuple[SubjectFiles, ...]
+    labels: Path
+    model: Path | None
+    clinical: ClinicalSpec | None
+    segmentation: dict[str, Any]
+    metrics: dict[str, Any]
+    qc: dict[str, Any]
+    statistics: StatisticsSpec
+    executor: dict[str, Any]
+    output: Path
+    description: str = ""
+    images_spec: str = ""
+
+    @property
+    def subject_ids(self) -> list[str]:
+        """Subject IDs in cohort order."""
+        return [s.subject for s in self.subjects]
+
+    @property
+    def uses_given_masks(self) -> bool:
+        """True when the study gives masks (no segmentation step)."""
+        return any(s.mask is not None for s in self.subjects)
+
+    @property
+    def work_dir(self) -> Path:
+        """Per-stage work folder shared by every run (segmentations, per-subject metrics)."""
+        return self.output / "work"
+
+    @property
+    def decisions_path(self) -> Path:
+        """The reviewer's QC decisions file (kept across runs, never overwritten by a run)."""
+        return self.output / "qc_decisions.csv"
+
+    def subject(self, subject_id: str) -> SubjectFiles:
+        """The files of one subject."""
+        for s in self.subjects:
+            if s.subject == subject_id:
+                return s
+        msg = f"{self.source.name}: no subject {subject_id!r} in the study"
+        raise ConfigError(msg)
+
+    def cohort_table(self) -> pd.DataFrame:
+        """The cohort as a DataFrame (subject, image, mask, manual_mask, levels; str paths)."""
+        rows = [
+            {
+                "subject": s.subject,
+                "image": str(s.image),
+                "mask": "" if s.mask is None else str(s.mask),
+                "manual_mask": "" if s.manual_mask is None else str(s.manual_mask),
+                "levels": "" if s.levels is None else str(s.levels),
+            }
+            for s in self.subjects
+        ]
+        return pd.DataFrame(rows, columns=["subject", "image", "mask", "manual_mask", "levels"])
+
+    def metrics_settings(self) -> Any:
+        """:class:`helpers.metrics.MetricsSettings` built from the ``metrics`` section."""
+        from helpers.metrics import MetricsSettings
+
+        return MetricsSettings.from_mapping(dict(self.metrics))
+
+    def segment_settings(self) -> Any:
+        """:class:`helpers.segment.SegmentSettings` built from the ``segmentation`` section."""
+        from helpers.segment import SegmentSettings
+
+        return SegmentSettings(**_tuples(self.segmentation))
+
+    def executor_config(self) -> Any:
+        """:class:`helpers.executor.ExecutorConfig` built from the ``executor`` section."""
+        from helpers.executor import ExecutorConfig
+
+        return ExecutorConfig.from_mapping(dict(self.executor))
+
+
+# --------------------------------------------------------------------------------- loading
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study YAML file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The study file.
+
+    Returns
+    -------
+    Study
+
+    Raises
+    ------
+    ConfigError
+        Missing or unreadable file, invalid YAML, unknown or missing keys, wrong types, missing
+        input files, an empty cohort, duplicate subjects, or settings another module refuses;
+        the message names the file, the key and the problem.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        msg = f"{path}: study file not found"
+        raise ConfigError(msg)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"{path}: cannot read study file ({exc})"
+        raise ConfigError(msg) from exc
+    except yaml.YAMLError as exc:
+        msg = f"{path}: not valid YAML ({_one_line(exc)})"
+        raise ConfigError(msg) from exc
+    return parse_study(document, path.resolve())
+
+
+def parse_study(document: object, source: str | Path) -> Study:
+    """Validate a decoded study document; relative paths resolve against ``source``'s folder.
+
+    See :func:`load_study`.
+    """
+    source = Path(source)
+    v = _Validator(source)
+    if not isinstance(document, dict):
+        v.fail("", "expected a mapping of keys (study:, images:, labels:, ...)")
+    v.check_keys("", document, STUDY_KEYS, REQUIRED_KEYS)
+
+    name = v.string("study", document["study"])
+    if not _NAME_RE.match(name):
+        v.fail("study", f"{name!r} may hold only letters, digits, '.', '_' and '-'")
+    description = v.string("description", document.get("description") or "", allow_empty=True)
+
+    labels = v.existing_file("labels", document["labels"])
+    _check_labels(v, labels)
+
+    subjects, images_spec = _find_images(v, document["images"])
+    subjects = _attach(v, "masks", document.get("masks"), subjects, _MASK_SUFFIXES, "mask")
+    subjects = _attach(
+        v, "manual_masks", document.get("manual_masks"), subjects, _MASK_SUFFIXES, "manual_mask"
+    )
+    subjects = _attach(v, "levels", document.get("levels"), subjects, _LEVELS_SUFFIXES, "levels")
+
+    model = None
+    if document.get("model") is not None:
+        model = v.path("model", document["model"])
+        if not model.exists():
+            v.fail("model", f"{model}: model not found (a .zip or an nnU-Net results folder)")
+    if model is None and not all(s.mask is not None for s in subjects):
+        missing = [s.subject for s in subjects if s.mask is None]
+        v.fail(
+            "model",
+            "no segmentation model given and no mask for "
+            f"{_preview(missing)}: give model: or masks:",
+        )
+
+    clinical = _clinical(v, document.get("clinical"))
+    segmentation = _segmentation(v, document.get("segmentation"))
+    metrics = _delegate(v, "metrics", document.get("metrics"), _metrics_factory)
+    qc = _delegate(v, "qc", document.get("qc"), _qc_factory)
+    executor = _delegate(v, "executor", document.get("executor"), _executor_factory)
+    statistics = _statistics(v, document.get("statistics"))
+    output_raw = document.get("output")
+    output = v.path("output", output_raw) if output_raw else source.parent / "reports" / name
+    if output.exists() and not output.is_dir():
+        v.fail("output", f"{output} exists and is not a folder")
+
+    return Study(
+        name=name,
+        source=source,
+        subjects=tuple(sorted(subjects, key=lambda s: s.subject)),
+        labels=labels,
+        model=model,
+        clinical=clinical,
+        segmentation=segmentation,
+        metrics=metrics,
+        qc=qc,
+        statistics=statistics,
+        executor=executor,
+        output=output,
+        description=description,
+        images_spec=images_spec,
+    )
+
+
+def resolved_document(study: Study, manifest: str | Path) -> dict[str, Any]:
+    """A study document with absolute paths and the cohort frozen in a manifest CSV.
+
+    The pipeline writes it into each run folder so that every notebook of a run reads the same
+    cohort and settings even if the original YAML or image folder changes meanwhile;
+    ``parse_study(resolved_document(s, m), ...)`` gives back an equal study once the manifest
+    (``study.cohort_table()``) is written to ``manifest``.
+    """
+    stats = dataclasses.asdict(study.statistics)
+    stats = {k: (list(val) if isinstance(val, tuple) else val) for k, val in stats.items()}
+    doc: dict[str, Any] = {
+        "study": study.name,
+        "description": study.description,
+        "images": {"manifest": str(Path(manifest).resolve())},
+        "labels": str(study.labels),
+        "segmentation": dict(study.segmentation),
+        "metrics": dict(study.metrics),
+        "qc": dict(study.qc),
+        "executor": dict(study.executor),
+        "statistics": stats,
+        "output": str(study.output),
+    }
+    if study.model is not None:
+        doc["model"] = str(study.model)
+    if study.clinical is not None:
+        doc["clinical"] = {
+            "path": str(study.clinical.path),
+            "skip_invalid": study.clinical.skip_invalid,
+            **study.clinical.mapping,
+        }
+    return doc
+
+
+# ------------------------------------------------------------------------------ validation
+class _Validator:
+    """Builds messages ``<file>: <key>: <problem>`` and resolves paths against the YAML folder."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.root = source.parent
+
+    def fail(self, key: str, problem: str) -> Any:
+        where = f"{self.source.name}: {key}: " if key else f"{self.source.name}: "
+        raise ConfigError(where + problem)
+
+    def check_keys(
+        self, key: str, mapping: Mapping[str, Any], allowed: Sequence[str], required=()
+    ) -> None:
+        for k in mapping:
+            if not isinstance(k, str):
+                self.fail(key, f"key {k!r} is not a string")
+            if k not in allowed:
+                where = f"{key}.{k}" if key else k
+                self.fail(
+                    where, f"unknown key{_did_you_mean(k, allowed)}; allowed: " + ", ".join(allowed)
+                )
+        for k in required:
+            if mapping.get(k) is None:
+                where = f"{key}.{k}" if key else k
+                self.fail(where, "required key is missing")
+
+    def string(self, key: str, value: object, *, allow_empty: bool = False) -> str:
+        if not isinstance(value, str) or (not allow_empty and not value.strip()):
+            self.fail(key, f"expected a non-empty string, got {value!r}")
+        return value.strip()  # type: ignore[union-attr]
+
+    def path(self, key: str, value: object) -> Path:
+        text = self.string(key, value)
+        p = Path(text).expanduser()
+        return (p if p.is_absolute() else self.root / p).resolve()
+
+    def existing_file(self, key: str, value: object) -> Path:
+        p = self.path(key, value)
+        if not p.is_file():
+            self.fail(key, f"{p}: file not found")
+        return p
+
+    def mapping(self, key: str, value: object) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a mapping (key: value lines), got {type(value).__name__}")
+        return dict(value)  # type: ignore[arg-type]
+
+    def str_list(self, key: str, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            items = [x.strip() for x in value.split(",") if x.strip()]
+        elif isinstance(value, list) and all(isinstance(x, str) for x in value):
+            items = [x.strip() for x in value]
+        else:
+            self.fail(key, f"expected a list of names, got {value!r}")
+        return tuple(items)
+
+
+def _check_labels(v: _Validator, path: Path) -> None:
+    from helpers.labels import load_labels
+
+    try:
+        load_labels(path)
+    except EsmaError as exc:
+        v.fail("labels", str(exc))
+
+
+def _find_images(v: _Validator, spec: object) -> tuple[list[SubjectFiles], str]:
+    """Resolve ``images:`` into subjects: a glob pattern, a CSV manifest or a BIDS-like tree."""
+    kind, value = None, spec
+    if isinstance(spec, dict):
+        v.check_keys("images", spec, ("pattern", "manifest", "bids"))
+        if len(spec) != 1:
+            v.fail("images", "give exactly one of pattern:, manifest: or bids:")
+        kind, value = next(iter(spec.items()))
+    text = v.string("images", value)
+    resolved = v.path("images", text)
+    if kind is None:
+        if text.lower().endswith(".csv"):
+            kind = "manifest"
+        elif resolved.is_dir():
+            kind = "bids"
+        else:
+            kind = "pattern"
+    if kind == "manifest":
+        return _from_manifest(v, resolved), f"manifest {resolved.name}"
+    if kind == "bids":
+        return _from_bids(v, resolved), f"BIDS-like folder {resolved.name}"
+    return _from_pattern(v, text), f"pattern {text}"
+
+
+def _from_pattern(v: _Validator, pattern: str) -> list[SubjectFiles]:
+    full = Path(pattern).expanduser()
+    full = full if full.is_absolute() else v.root / full
+    files = sorted(Path(p).resolve() for p in glob.glob(str(full), recursive=True))
+    files = [f for f in files if f.is_file()]
+    if not files:
+        v.fail("images", f"pattern {pattern!r} matches no file (searched {full})")
+    masks = [f.name for f in files if _LOOKS_LIKE_MASK.search(f.name)]
+    if masks:
+        v.fail(
+            "images",
+            f"pattern {pattern!r} also matches mask files ({_preview(masks)}); "
+            "narrow it, e.g. images/*_T2w.nii.gz",
+        )
+    not_nifti = [f.name for f in files if not f.name.endswith((".nii", ".nii.gz"))]
+    if not_nifti:
+        v.fail("images", f"pattern {pattern!r} matches non-NIfTI files ({_preview(not_nifti)})")
+    return _unique(v, [SubjectFiles(subject_from_filename(f), f) for f in files])
+
+
+def _from_bids(v: _Validator, root: Path) -> list[SubjectFiles]:
+    files = sorted(root.glob("sub-*/anat/*_T2w.nii*")) + sorted(
+        root.glob("sub-*/ses-*/anat/*_T2w.nii*")
+    )
+    if not files:
+        v.fail(
+            "images",
+            f"{root}: no sub-*/anat/*_T2w.nii.gz (or sub-*/ses-*/anat/...) files in this folder; "
+            "for a plain folder give a pattern such as DIR/*.nii.gz",
+        )
+    return _unique(v, [SubjectFiles(subject_from_filename(f), f.resolve()) for f in files])
+
+
+def _from_manifest(v: _Validator, path: Path) -> list[SubjectFiles]:
+    if not path.is_file():
+        v.fail("images", f"{path}: manifest not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        v.fail("images", f"{path}: unreadable CSV manifest ({_one_line(exc)})")
+    table.columns = [str(c).strip() for c in table.columns]
+    allowed = ("subject", "image", "mask", "manual_mask", "levels")
+    extra = [c for c in table.columns if c not in allowed]
+    if "image" not in table.columns:
+        v.fail(
+            "images", f"{path.name}: manifest needs an 'image' column (has {list(table.columns)})"
+        )
+    if extra:
+        log.info("%s: ignoring manifest columns %s", path.name, extra)
+    if table.empty:
+        v.fail("images", f"{path.name}: manifest lists no subject")
+    base = path.parent
+    subjects = []
+    for i, row in table.iterrows():
+        line = int(i) + 2  # header is line 1
+
+        def _file(col: str, row=row, line=line) -> Path | None:
+            text = str(row.get(col, "")).strip()
+            if not text:
+                return None
+            p = Path(text).expanduser()
+            p = (p if p.is_absolute() else base / p).resolve()
+            if not p.is_file():
+                v.fail("images", f"{path.name} line {line}: {col} {p}: file not found")
+            return p
+
+        image = _file("image")
+        if image is None:
+            v.fail("images", f"{path.name} line {line}: empty image")
+        subject = str(row.get("subject", "")).strip() or subject_from_filename(image)
+        subjects.append(
+            SubjectFiles(subject, image, _file("mask"), _file("manual_mask"), _file("levels"))
+        )
+    return _unique(v, subjects)
+
+
+def _unique(v: _Validator, subjects: list[SubjectFiles]) -> list[SubjectFiles]:
+    bad = [s.subject for s in subjects if not _NAME_RE.match(s.subject)]
+    if bad:
+        v.fail(
+            "images",
+            f"subject IDs {_preview(bad)} may hold only letters, digits, '.', '_' and '-'",
+        )
+    seen: dict[str, Path] = {}
+    for s in subjects:
+        if s.subject in seen:
+            v.fail(
+                "images",
+                f"subject {s.subject!r} appears twice ({seen[s.subject].name} and {s.image.name})",
+            )
+        seen[s.subject] = s.image
+    return subjects
+
+
+def _attach(
+    v: _Validator,
+    key: str,
+    spec: object,
+    subjects: list[SubjectFiles],
+    suffixes: Sequence[str],
+    attribute: str,
+) -> list[SubjectFiles]:
+    """Fill one per-subject file (mask, manual_mask, levels) from a pattern or a folder."""
+    if spec is None:
+        return subjects
+    text = v.string(key, spec)
+    if attribute == "levels" and "{subject}" not in text and v.path(key, text).is_file():
+        # one cohort-wide levels CSV with a subject column (helpers.metrics.read_levels)
+        shared = v.path(key, text)
+        return [
+            s if s.levels is not None else dataclasses.replace(s, levels=shared) for s in subjects
+        ]
+    if "{subject}" in text:
+
+        def find(subject: str) -> Path | None:
+            p = v.path(key, text.replace("{subject}", subject))
+            return p if p.is_file() else None
+
+    else:
+        folder = v.path(key, text)
+        if not folder.is_dir():
+            v.fail(key, f"{folder}: neither a folder nor a pattern with {{subject}}")
+
+        def find(subject: str) -> Path | None:
+            for suffix in suffixes:
+                p = folder / f"{subject}{suffix}"
+                if p.is_file():
+                    return p
+            return None
+
+    out, missing = [], []
+    for s in subjects:
+        found = find(s.subject)
+        if found is None and getattr(s, attribute) is None:
+            missing.append(s.subject)
+        out.append(s if found is None else dataclasses.replace(s, **{attribute: found}))
+    if len(missing) == len(subjects):
+        v.fail(key, f"{text!r}: no file found for any subject (e.g. {subjects[0].subject})")
+    if missing:
+        log.warning("%s: no %s file for %s", key, attribute, _preview(missing))
+    return out
+
+
+def _clinical(v: _Validator, spec: object) -> ClinicalSpec | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    options = v.mapping("clinical", spec)
+    v.check_keys("clinical", options, CLINICAL_KEYS, ("path",))
+    path = v.existing_file("clinical.path", options["path"])
+    skip = options.get("skip_invalid", True)
+    if not isinstance(skip, bool):
+        v.fail("clinical.skip_invalid", f"expected true or false, got {skip!r}")
+    mapping = {k: val for k, val in options.items() if k not in ("path", "skip_invalid")}
+    from helpers.clinical import ClinicalMapping, load_clinical
+
+    try:
+        load_clinical(path, ClinicalMapping.from_dict(mapping, where="clinical"))
+    except ConfigError as exc:
+        _fail_with_key(v, "clinical", str(exc))
+    except EsmaError as exc:
+        v.fail("clinical.path", str(exc))
+    return ClinicalSpec(path, mapping, skip)
+
+
+def _segmentation(v: _Validator, spec: object) -> dict[str, Any]:
+    options = v.mapping("segmentation", spec)
+    try:
+        from helpers.segment import SegmentSettings
+    except ImportError:  # pragma: no cover - segment module always ships
+        return options
+    names = [f.name for f in dataclasses.fields(SegmentSettings)]
+    v.check_keys("segmentation", options, names)
+    try:
+        SegmentSettings(**_tuples(options))
+    except (EsmaError, ValueError, TypeError) as exc:
+        _fail_with_key(v, "segmentation", str(exc), names)
+    return options
+
+
+def _metrics_factory(options: dict[str, Any]) -> object:
+    from helpers.metrics import MetricsSettings
+
+    return MetricsSettings.from_mapping(options)
+
+
+def _qc_factory(options: dict[str, Any]) -> object:
+    from helpers.qc import QCSettings
+
+    return QCSettings.from_mapping(options)
+
+
+def _executor_factory(options: dict[str, Any]) -> object:
+    from helpers.executor import ExecutorConfig
+
+    return ExecutorConfig.from_mapping(options)
+
+
+def _delegate(
+    v: _Validator, key: str, spec: object, factory: Callable[[dict[str, Any]], object]
+) -> dict[str, Any]:
+    """Validate a section by building the owning module's settings object from it."""
+    options = v.mapping(key, spec)
+    try:
+        factory(dict(options))
+    except ImportError as exc:  # pragma: no cover - every stage module ships with esma
+        log.debug("%s: not validated (%s)", key, exc)
+    except (EsmaError, ValueError, TypeError, KeyError) as exc:
+        _fail_with_key(v, key, str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    return options
+
+
+def _fail_with_key(v: _Validator, key: str, text: str, fields: Sequence[str] = ()) -> None:
+    """Re-raise another module's message under the study file's name and the full key.
+
+    ``fat_method: 'x' is not ...`` from the metrics module becomes
+    ``study.yml: metrics.fat_method: 'x' is not ...``; a message that already starts with the
+    section (``executor.kind: ...``) keeps its key; any other message is put under ``key``.
+    """
+    text = " ".join(text.split())
+    for name in fields:  # "device must be ..." -> key segmentation.device
+        if text.startswith(f"{name} "):
+            v.fail(f"{key}.{name}", text[len(name) + 1 :])
+    head, sep, rest = text.partition(": ")
+    head = head.strip()
+    if sep and head and " " not in head and "/" not in head and not head.endswith(")"):
+        sub = head[len(key) + 1 :] if head.startswith(key + ".") else head
+        if sub == key:
+            v.fail(key, rest.strip())
+        v.fail(f"{key}.{sub}", rest.strip())
+    v.fail(key, text)
+
+
+def _statistics(v: _Validator, spec: object) -> StatisticsSpec:
+    options = v.mapping("statistics", spec)
+    v.check_keys("statistics", options, STATISTICS_KEYS)
+    kw: dict[str, Any] = {}
+    if "covariates" in options:
+        kw["covariates"] = (
+            ()
+            if options["covariates"] in (None, [])
+            else v.str_list("statistics.covariates", options["covariates"])
+        )
+    if "indices" in options:
+        indices = v.str_list("statistics.indices", options["indices"])
+        known = ASYMMETRY_INDICES + CONVEX_CONCAVE_INDICES
+        for name in indices:
+            if name not in known:
+                v.fail(
+                    "statistics.indices",
+                    f"{name!r} is not one of {', '.join(known)}" + _did_you_mean(name, known),
+                )
+        if not indices:
+            v.fail("statistics.indices", "name at least one index")
+        kw["indices"] = indices
+    for key in ("scores", "muscles", "levels"):
+        if options.get(key) is not None:
+            kw[key] = v.str_list(f"statistics.{key}", options[key]) or None
+    if "family" in options:
+        kw["family"] = v.string("statistics.family", options["family"])
+    if "top_pairs" in options:
+        n = options["top_pairs"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 20:
+            v.fail("statistics.top_pairs", f"expected an integer from 0 to 20, got {n!r}")
+        kw["top_pairs"] = n
+    if "alpha" in options:
+        a = options["alpha"]
+        if isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < 1:
+            v.fail("statistics.alpha", f"expected a number between 0 and 1, got {a!r}")
+        kw["alpha"] = float(a)
+    return StatisticsSpec(**kw)
+
+
+# --------------------------------------------------------------------------------- helpers
+def _tuples(options: Mapping[str, Any]) -> dict[str, Any]:
+    """YAML lists to tuples (the settings dataclasses are frozen and hashable)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+def _did_you_mean(value: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _preview(items: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(str(x) for x in items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

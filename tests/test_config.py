@@ -1,0 +1,280 @@
+"""Study YAML validation (helpers.config): cohort discovery, path resolution, messages."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from helpers.config import load_study, parse_study, resolved_document
+from helpers.errors import ConfigError
+
+
+def _nifti(path: Path, value: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.full((6, 5, 3), value, dtype=np.int16)
+    data[0, 0, 0] = 0
+    nib.save(nib.Nifti1Image(data, np.diag([0.9, 0.9, 4.0, 1.0])), path)
+    return path
+
+
+@pytest.fixture
+def study_dir(tmp_path: Path, example_dir: Path) -> Path:
+    """A study folder: three images, their masks, a label file, a model stand-in, clinical."""
+    root = tmp_path / "study"
+    for subject in ("sub-03", "sub-01", "sub-02"):
+        _nifti(root / "images" / f"{subject}_T2w.nii.gz")
+        _nifti(root / "masks" / f"{subject}_dseg.nii.gz")
+    shutil.copyfile(example_dir / "labels.json", root / "labels.json")
+    (root / "model.zip").write_bytes(b"stand-in; the config only checks it exists")
+    clinical = pd.DataFrame(
+        {
+            "subject": ["sub-01", "sub-02", "sub-03"],
+            "sex": ["M", "F", "M"],
+            "age": [60, 70, 65],
+            "bmi": [25.0, 27.5, 30.1],
+            "Name": ["A", "B", "C"],
+        }
+    )
+    clinical.to_csv(root / "clinical.csv", index=False)
+    return root
+
+
+def _write(root: Path, doc: dict, name: str = "study.yml") -> Path:
+    path = root / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+BASE = {
+    "study": "trial",
+    "images": "images/*_T2w.nii.gz",
+    "labels": "labels.json",
+    "model": "model.zip",
+}
+
+
+def _error(root: Path, doc: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_study(_write(root, doc))
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------- cohort discovery
+def test_glob_pattern_resolves_against_the_yaml_folder(study_dir, tmp_path, monkeypatch):
+    path = _write(study_dir, BASE)
+    monkeypatch.chdir(tmp_path)  # a cwd where the relative paths would not resolve
+    study = load_study(path)
+    assert study.subject_ids == ["sub-01", "sub-02", "sub-03"]
+    assert study.subjects[0].image == (study_dir / "images" / "sub-01_T2w.nii.gz").resolve()
+    assert study.labels == (study_dir / "labels.json").resolve()
+    assert study.model == (study_dir / "model.zip").resolve()
+    assert study.output == (study_dir / "reports" / "trial").resolve()
+    assert study.work_dir == study.output / "work"
+    assert study.decisions_path == study.output / "qc_decisions.csv"
+    assert not study.uses_given_masks
+    assert study.statistics.covariates == ("age", "bmi")
+
+
+def test_manifest_names_subjects_and_resolves_paths_against_itself(study_dir):
+    manifest_dir = study_dir / "lists"
+    manifest_dir.mkdir()
+    pd.DataFrame(
+        {
+            "subject": ["P7", "P9"],
+            "image": ["../images/sub-01_T2w.nii.gz", "../images/sub-02_T2w.nii.gz"],
+            "mask": ["../masks/sub-01_dseg.nii.gz", ""],
+        }
+    ).to_csv(manifest_dir / "cohort.csv", index=False)
+    study = load_study(_write(study_dir, {**BASE, "images": "lists/cohort.csv"}))
+    assert study.subject_ids == ["P7", "P9"]
+    assert study.subject("P7").mask == (study_dir / "masks" / "sub-01_dseg.nii.gz").resolve()
+    assert study.subject("P9").mask is None
+    assert study.images_spec == "manifest cohort.csv"
+
+
+def test_manifest_missing_file_names_the_line(study_dir):
+    pd.DataFrame({"image": ["images/sub-01_T2w.nii.gz", "images/nope_T2w.nii.gz"]}).to_csv(
+        study_dir / "m.csv", index=False
+    )
+    msg = _error(study_dir, {**BASE, "images": "m.csv"})
+    assert msg.startswith("study.yml: images: m.csv line 3: image ")
+    assert "nope_T2w.nii.gz: file not found" in msg
+
+
+def test_bids_like_tree(study_dir):
+    bids = study_dir / "bids"
+    _nifti(bids / "sub-01" / "anat" / "sub-01_T2w.nii.gz")
+    _nifti(bids / "sub-02" / "ses-1" / "anat" / "sub-02_ses-1_T2w.nii.gz")
+    _nifti(bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz")  # not a T2w: ignored
+    study = load_study(_write(study_dir, {**BASE, "images": "bids"}))
+    assert study.subject_ids == ["sub-01", "sub-02_ses-1"]
+    assert study.images_spec == "BIDS-like folder bids"
+
+
+def test_bids_folder_without_t2w_explains(study_dir):
+    (study_dir / "empty").mkdir()
+    msg = _error(study_dir, {**BASE, "images": "empty"})
+    assert "study.yml: images:" in msg
+    assert "no sub-*/anat/*_T2w.nii.gz" in msg
+
+
+def test_given_masks_replace_segmentation_and_model_becomes_optional(study_dir):
+    doc = {k: v for k, v in BASE.items() if k != "model"}
+    study = load_study(
+        _write(study_dir, {**doc, "masks": "masks/{subject}_dseg.nii.gz", "manual_masks": "masks"})
+    )
+    assert study.uses_given_masks
+    assert study.model is None
+    assert all(s.mask is not None and s.manual_mask is not None for s in study.subjects)
+    assert study.subject("sub-02").mask.name == "sub-02_dseg.nii.gz"
+
+
+def test_one_levels_csv_for_the_cohort(study_dir):
+    pd.DataFrame({"subject": ["sub-01"], "slice": [0], "level": ["L4"]}).to_csv(
+        study_dir / "levels.csv", index=False
+    )
+    study = load_study(_write(study_dir, {**BASE, "levels": "levels.csv"}))
+    assert {s.levels for s in study.subjects} == {(study_dir / "levels.csv").resolve()}
+
+
+def test_clinical_mapping_is_kept(study_dir):
+    doc = {**BASE, "clinical": {"path": "clinical.csv", "columns": {"Name": "subject"}}}
+    with pytest.raises(
+        ConfigError,
+        match=r"^study.yml: clinical.path: .*clinical.csv: column\(s\) "
+        r"\['subject'\] exist in the file and are also mapping targets",
+    ):
+        load_study(_write(study_dir, doc))
+    ok = {
+        **BASE,
+        "clinical": {"path": "clinical.csv", "skip_invalid": False, "missing_values": ["NA"]},
+    }
+    study = load_study(_write(study_dir, ok))
+    assert study.clinical.mapping == {"missing_values": ["NA"]}
+    assert study.clinical.skip_invalid is False
+
+
+# ----------------------------------------------------------------------------- messages
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"imgaes": "x"}, "study.yml: imgaes: unknown key (did you mean 'images'?); allowed:"),
+        (
+            {"metrics": {"fat_method": "gmm4"}},
+            (
+                "study.yml: metrics.fat_method: 'gmm4' is not one of unmix, gmm3, gmm2, kmeans2, otsu "
+                "(did you mean 'gmm3'?)"
+            ),
+        ),
+        (
+            {"metrics": {"bias_corection": True}},
+            "study.yml: metrics.bias_corection: unknown metrics setting",
+        ),
+        (
+            {"executor": {"kind": "threads"}},
+            "study.yml: executor.kind: 'threads' is not one of sequential, processes, dask",
+        ),
+        ({"qc": {"min_dice": 1.5}}, "study.yml: qc.min_dice: 1.5 is outside the allowed range"),
+        (
+            {"segmentation": {"devise": "cpu"}},
+            "study.yml: segmentation.devise: unknown key (did you mean 'device'?)",
+        ),
+        (
+            {"segmentation": {"device": "gpu"}},
+            "study.yml: segmentation.device: must be auto, cpu, cuda or mps, got 'gpu'",
+        ),
+        (
+            {"statistics": {"indices": ["cdi", "lfair"]}},
+            "study.yml: statistics.indices: 'lfair' is not one of",
+        ),
+        ({"statistics": {"top_pairs": -1}}, "study.yml: statistics.top_pairs: expected an integer"),
+        ({"study": "my study"}, "study.yml: study: 'my study' may hold only letters"),
+        ({"labels": "nolabels.json"}, "study.yml: labels: "),
+        ({"model": "missing.zip"}, "study.yml: model: "),
+        ({"images": "scans/*.nii.gz"}, "study.yml: images: pattern 'scans/*.nii.gz' matches no"),
+        ({"images": "masks/*.nii.gz"}, "also matches mask files"),
+        ({"clinical": "nothere.csv"}, "study.yml: clinical.path: "),
+        (
+            {"clinical": {"path": "clinical.csv", "columns": {"Name": "patient"}}},
+            "study.yml: clinical.columns.Name: unknown standard column 'patient'",
+        ),
+        (
+            {"clinical": {"path": "clinical.csv", "sheets": 1}},
+            "study.yml: clinical.sheets: unknown key (did you mean 'sheet'?)",
+        ),
+    ],
+)
+def test_messages_name_the_key_and_the_problem(study_dir, change, expected):
+    msg = _error(study_dir, {**BASE, **change})
+    assert expected in msg
+    assert msg.startswith("study.yml: ")
+    assert "\n" not in msg
+
+
+def test_missing_required_key(study_dir):
+    doc = {k: v for k, v in BASE.items() if k != "labels"}
+    assert _error(study_dir, doc) == "study.yml: labels: required key is missing"
+
+
+def test_no_model_and_no_masks(study_dir):
+    doc = {k: v for k, v in BASE.items() if k != "model"}
+    msg = _error(study_dir, doc)
+    assert msg.startswith("study.yml: model: no segmentation model given and no mask for sub-01")
+
+
+def test_duplicate_subjects(study_dir):
+    _nifti(study_dir / "images2" / "sub-01_T2w.nii")
+    msg = _error(study_dir, {**BASE, "images": "image*/sub-01_T2w.nii*"})
+    assert "subject 'sub-01' appears twice" in msg
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "study.yml"
+    bad.write_text("study: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"study.yml: not valid YAML"):
+        load_study(bad)
+    with pytest.raises(ConfigError, match=r"nothere.yml: study file not found"):
+        load_study(tmp_path / "nothere.yml")
+    with pytest.raises(ConfigError, match=r"expected a mapping"):
+        parse_study(["a", "list"], tmp_path / "study.yml")
+
+
+# ------------------------------------------------------------------------------ freezing
+def test_resolved_document_round_trips(study_dir, tmp_path, monkeypatch):
+    doc = {**BASE, "clinical": {"path": "clinical.csv", "missing_values": ["NA"]}}
+    doc.update(
+        metrics={"fat_method": "gmm3", "bias_correction": False},
+        executor={"kind": "processes", "workers": 2},
+        statistics={"covariates": ["age"], "levels": ["all"]},
+        masks="masks/{subject}_dseg.nii.gz",
+        output="out",
+    )
+    study = load_study(_write(study_dir, doc))
+    run = tmp_path / "run"
+    run.mkdir()
+    manifest = run / "cohort.csv"
+    study.cohort_table().to_csv(manifest, index=False)
+    frozen = _write(run, resolved_document(study, manifest))
+    # the frozen copy lives elsewhere and every path in it is absolute
+    monkeypatch.chdir(tmp_path)
+    again = load_study(frozen)
+    for field in (
+        "name",
+        "subjects",
+        "labels",
+        "model",
+        "clinical",
+        "segmentation",
+        "metrics",
+        "qc",
+        "statistics",
+        "executor",
+        "output",
+    ):
+        assert getattr(again, field) == getattr(study, field), field
