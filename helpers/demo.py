@@ -275,7 +275,7 @@ def _study_yaml(spec: DemoSpec, model: Path | None, folder: Path) -> str:
         "indices": ["cdi", "cdi_abs", "lfiar_log", "cdi_cc"],
         "levels": ["all"],
         "family": "group_score",
-        "top_pairs": 4,
+        "top_pairs": 6,
     }
     doc["executor"] = (
         {"kind": "processes", "workers": spec.workers}

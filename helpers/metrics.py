@@ -480,11 +480,6 @@ def _is_psoas(muscle: str) -> bool:
     return "psoas" in muscle.lower()
 
 
-def _join(flags: list[str] | set[str]) -> str:
-    order = {f: i for i, f in enumerate(FLAGS)}
-    return ";".join(sorted(set(flags), key=lambda f: (order.get(f, 99), f)))
-
-
 def _unique_values(data: NDArray) -> NDArray:
     """Sorted distinct values of an array (``np.unique``; by counting for small non-negative
     integers, which avoids sorting the whole volume)."""
@@ -729,10 +724,8 @@ def _slice_selector(shape: tuple[int, ...], ax: int, sel: NDArray[np.bool_]) -> 
 
 
 def _flag_strings(bits: NDArray[np.bool_]) -> list[str]:
-    """``;``-joined flags of each row of ``bits`` (n_rows x len(FLAGS)), in :data:`FLAGS` order.
-
-    Same strings as :func:`_join` of the flags set on each row.
-    """
+    """The ``flags`` text of each row of ``bits`` (n_rows x len(FLAGS)): the flags set on the
+    row, ``;``-joined in :data:`FLAGS` order (empty when none)."""
     codes = bits.astype(np.int64) @ (1 << np.arange(len(FLAGS), dtype=np.int64))
     uniq, inverse = np.unique(codes, return_inverse=True)
     names = [";".join(f for j, f in enumerate(FLAGS) if int(c) >> j & 1) for c in uniq]

@@ -118,10 +118,8 @@ def load_image(path: str | Path) -> Volume:
         Missing, unreadable or truncated file; not 3-D; NaN/inf intensities; constant image.
     """
     img, data = _read(path)
-    scaled = np.asarray(img.dataobj.get_scaled() if hasattr(img.dataobj, "get_scaled") else data)
-    if scaled.ndim == 4:
-        scaled = scaled[..., 0]
-    values = scaled.astype(np.float32, copy=False)
+    # ``_read`` went through the array proxy, which already applied scl_slope/scl_inter.
+    values = np.asarray(data).astype(np.float32, copy=False)
     n_bad = int(np.count_nonzero(~np.isfinite(values)))
     if n_bad:
         raise InputFileError(path, f"{n_bad} voxels are NaN or infinite")

@@ -220,8 +220,11 @@ def test_processes_give_up_when_workers_keep_dying(monkeypatch: pytest.MonkeyPat
     assert list(out) == ["s0", "s1", "s2"]
     errors = [o.error or "" for o in out.values()]
     assert not any(o.ok for o in out.values())
-    assert errors[0].startswith("BrokenProcessPool: the worker process died")  # run alone
-    assert all("giving up" in e for e in errors[1:])
+    # One subject (whichever the retry ran first, alone) is blamed for the death; with at most
+    # one death in a row allowed, the others are given up without running.
+    died = [e for e in errors if e.startswith("BrokenProcessPool: the worker process died")]
+    assert len(died) == 1, errors
+    assert sum("giving up" in e for e in errors) == 2, errors
 
 
 def test_processes_refuse_functions_defined_interactively(monkeypatch: pytest.MonkeyPatch) -> None:
