@@ -161,7 +161,7 @@ def build_demo(folder: str | Path, spec: DemoSpec = DemoSpec(), *, rebuild: bool
         return study_file
     # new inputs: the work and the QC decisions of the old ones no longer apply (the run
     # folders of earlier demos are kept)
-    for stale in (inputs, folder / "work"):
+    for stale in (inputs, folder / "work", folder / "interactive"):
         if stale.exists():
             shutil.rmtree(stale)
     (folder / "qc_decisions.csv").unlink(missing_ok=True)

@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 MARKER_SUFFIX = ".done.json"
+#: The process umask, read once: outputs get the usual 0o666 & ~umask mode, not mkstemp's 0o600.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -52,6 +55,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             prefix=f".{target.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=target.parent
         )
         os.close(fd)
+        Path(tmp_name).chmod(0o666 & ~_UMASK)
     except OSError as exc:
         msg = f"{target}: cannot write output ({_describe_os_error(exc)})"
         raise OutputError(msg) from exc
