@@ -179,6 +179,9 @@ class TrainSettings:
         Training length.
     initial_lr : float
         Initial learning rate (poly schedule to zero over the epochs).
+    rotation_deg : float, optional
+        Largest in-plane rotation of the training augmentation (degrees); default nnU-Net's
+        (+-180 for square 2d patches).  Training only: inference is unchanged.
     device : {"auto", "cpu", "cuda", "mps"}
         Training device.
     num_threads : int, optional
@@ -204,6 +207,7 @@ class TrainSettings:
     iterations_per_epoch: int = 250
     val_iterations_per_epoch: int = 50
     initial_lr: float = 1e-2
+    rotation_deg: float | None = None
     device: str = "auto"
     num_threads: int | None = None
     da_workers: int | None = None
@@ -650,11 +654,36 @@ def _worker_main(step: str, config_path: str) -> None:  # pragma: no cover - run
         trainer.num_val_iterations_per_epoch = int(cfg["val_iterations_per_epoch"])
         trainer.initial_lr = float(cfg["initial_lr"])
         trainer.save_every = max(1, min(50, int(cfg["epochs"]) // 4))
+        if cfg.get("rotation_deg") is not None:
+            _limit_rotation(trainer, float(cfg["rotation_deg"]))
         trainer.run_training()
         trainer.perform_actual_validation(False)
     else:
         msg = f"unknown worker step {step!r}"
         raise SystemExit(msg)
+
+
+def _limit_rotation(trainer: Any, degrees: float) -> None:  # pragma: no cover - in the child
+    """Limit the rotation augmentation of one trainer instance to +-``degrees``.
+
+    Wraps the instance's ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``: the
+    mirror axes (and so the checkpoint's inference mirroring) stay nnU-Net's.
+    """
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+
+    original = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size
+
+    def limited() -> tuple:
+        _, dummy_2d, _, mirror_axes = original()
+        rad = float(np.deg2rad(degrees))
+        rotation = (-rad, rad)
+        patch = trainer.configuration_manager.patch_size
+        initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
+        if dummy_2d:
+            initial[0] = patch[0]
+        return rotation, dummy_2d, initial, mirror_axes
+
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size = limited
 
 
 # --------------------------------------------------------------------- plan / preprocess
@@ -779,6 +808,7 @@ def train_fold(
         "iterations_per_epoch": settings.iterations_per_epoch,
         "val_iterations_per_epoch": settings.val_iterations_per_epoch,
         "initial_lr": settings.initial_lr,
+        "rotation_deg": settings.rotation_deg,
         "threads": n_threads,
         "seed": settings.seed,
     }

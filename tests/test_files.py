@@ -31,9 +31,13 @@ def test_outputs_get_the_umask_mode_not_private(tmp_path):
 def test_failure_inside_the_block_keeps_the_old_file(tmp_path):
     target = tmp_path / "metrics.csv"
     target.write_text("old")
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("killed mid-write")
+    def killed_mid_write() -> None:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        killed_mid_write()
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
 
