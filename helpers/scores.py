@@ -18,10 +18,8 @@ SRS-22r (Scoliosis Research Society, 22 items, 1 = worst, 5 = best)
     self-image 4, 6, 10, 14, 19; mental health 3, 7, 13, 16, 20; satisfaction 21, 22.  A five-item
     domain needs at least 3 answered items, satisfaction at least 1 (our documented choice: with
     two items, one answer is half the domain).  ``srs_subtotal`` = mean of the answered items
-    1-20, missing when any of the four domains it covers (function, pain, self-image, mental
-    health) is missing; ``srs_total`` = mean of the answered items 1-22, missing when any of the
-    five domains is missing.  The subtotal does not depend on the satisfaction domain, which
-    pre-treatment patients often leave blank.
+    1-20 and ``srs_total`` = mean of the answered items 1-22; both are missing when any of the
+    five domains is missing (satisfaction included, as the study's rule says).
 VAS
     ``vas_back``, ``vas_leg``: mm from the "no pain" end of the 100 mm line, passed through.
 JOA low-back score (maximum 29; items in :data:`helpers.clinical.JOA_ITEMS`)
@@ -95,8 +93,6 @@ SRS_MIN_ANSWERED: dict[str, int] = {
     "srs_mental_health": 3,
     "srs_satisfaction": 1,
 }
-#: Domains whose items the subtotal (items 1-20) covers.
-SRS_SUBTOTAL_DOMAINS = ("srs_function", "srs_pain", "srs_self_image", "srs_mental_health")
 JOA_MAX = 29.0
 #: Numeric scores (the ones statistics correlate), in output order.
 NUMERIC_SCORES: tuple[str, ...] = (
@@ -194,9 +190,8 @@ def srs_scores(items: ArrayLike) -> pd.DataFrame:
         sub = arr[:, [k - 1 for k in numbers]]
         out[domain] = _mean_if_enough(sub, SRS_MIN_ANSWERED[domain])
     domains = pd.DataFrame(out)
-    subtotal_ok = domains[list(SRS_SUBTOTAL_DOMAINS)].notna().all(axis=1).to_numpy()
     total_ok = domains.notna().all(axis=1).to_numpy()
-    domains["srs_subtotal"] = np.where(subtotal_ok, _mean_if_enough(arr[:, :20], 1), np.nan)
+    domains["srs_subtotal"] = np.where(total_ok, _mean_if_enough(arr[:, :20], 1), np.nan)
     domains["srs_total"] = np.where(total_ok, _mean_if_enough(arr, 1), np.nan)
     return domains
 

@@ -123,12 +123,15 @@ def test_srs_satisfaction_with_one_item_answered():
     assert got["srs_total"] == (60 + 5) / 21
 
 
-def test_srs_satisfaction_unanswered_leaves_subtotal_but_not_total():
+def test_srs_satisfaction_unanswered_makes_subtotal_and_total_missing():
     items = _srs({21: nan, 22: nan})
     got = srs_scores(items).iloc[0]
     assert np.isnan(got["srs_satisfaction"])
-    assert got["srs_subtotal"] == 3.0
+    assert np.isnan(got["srs_subtotal"])
     assert np.isnan(got["srs_total"])
+    one = srs_scores(_srs({21: nan})).iloc[0]  # one satisfaction answer is enough
+    assert one["srs_satisfaction"] == 3.0
+    assert one["srs_subtotal"] == 3.0
 
 
 # ------------------------------------------------------------------------------------ JOA
