@@ -17,4 +17,7 @@ test-all: setup
 	.venv/bin/python -m pytest -m "slow or not slow"
 
 bench: setup
-	.venv/bin/python benchmarks/run_all.py
+	.venv/bin/python benchmarks/bench_metrics.py
+	.venv/bin/python benchmarks/bench_fat_methods.py
+	.venv/bin/python benchmarks/bench_segment.py
+	.venv/bin/python benchmarks/bench_scale.py
