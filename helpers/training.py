@@ -150,10 +150,9 @@ class SmallNetwork:
 class TrainSettings:
     """How :func:`train_model` trains.
 
-    The defaults are nnU-Net's own (1000 epochs x 250 iterations, 5-fold cross-validation of the
-    3d_fullres configuration is nnU-Net's usual choice; here ``configuration`` defaults to
-    ``"2d"``, which suits thick-slice axial T2).  For a GPU study keep the defaults; for a CPU
-    demo pass a :class:`SmallNetwork` and a few epochs.
+    The defaults are nnU-Net's own training schedule (1000 epochs x 250 iterations, 5-fold
+    cross-validation) on the ``2d`` configuration, which suits thick-slice axial T2.  For a GPU
+    study keep them; for a CPU trial pass a :class:`SmallNetwork` and a short schedule.
 
     Attributes
     ----------
@@ -822,7 +821,11 @@ def train_fold(
 
 
 def _write_splits(dirs: NnunetDirs, settings: TrainSettings, case_ids: Sequence[str]) -> None:
+    """Write the single split of ``validation_cases``, or remove a stale split of an earlier run
+    (nnU-Net then makes its seeded 5-fold split of the current cases)."""
+    target = dirs.preprocessed / settings.dataset_folder_name / "splits_final.json"
     if settings.validation_cases is None:
+        target.unlink(missing_ok=True)
         return
     val = list(settings.validation_cases)
     unknown = sorted(set(val) - set(case_ids))
@@ -834,7 +837,6 @@ def _write_splits(dirs: NnunetDirs, settings: TrainSettings, case_ids: Sequence[
         msg = "validation_cases must leave at least one training case and name one"
         raise ConfigError(msg)
     splits = [{"train": train, "val": val}]
-    target = dirs.preprocessed / settings.dataset_folder_name / "splits_final.json"
     atomic_write_text(target, json.dumps(splits, indent=2))
 
 

@@ -246,6 +246,34 @@ def phantom(case_id: str, seed: int) -> tuple[nib.Nifti1Image, nib.Nifti1Image, 
     return ph.image, ph.mask, params
 
 
+def _make_case(job: tuple[str, int, str, str, bool]) -> dict[str, Any]:
+    """Make and write one case (module level: runs in worker processes too)."""
+    case_id, case_seed, kind, out_dir, merge_sides = job
+    out = Path(out_dir)
+    if kind == "ex":
+        img, msk, params = deformed_example(case_id, case_seed, _cached_example())
+    else:
+        img, msk, params = phantom(case_id, case_seed)
+    data = np.asarray(msk.dataobj)
+    if merge_sides:
+        data, _ = unsided(data, _cached_example().labels)
+    save_like(np.asarray(img.dataobj).astype(np.float32), img, out / f"{case_id}_T2w.nii.gz")
+    save_like(data.astype(np.uint8), img, out / f"{case_id}_dseg.nii.gz")
+    log.debug("made %s", case_id)
+    return {"case": case_id, "kind": params["kind"], "seed": case_seed,
+            "orientation": params["orientation"], "shape": list(img.shape),
+            "params": json.dumps(params, default=float)}
+
+
+_EXAMPLE_CACHE: list[_Source] = []
+
+
+def _cached_example() -> _Source:
+    if not _EXAMPLE_CACHE:
+        _EXAMPLE_CACHE.append(_example())
+    return _EXAMPLE_CACHE[0]
+
+
 def make_training_set(
     out_dir: str | Path,
     n_example: int,
@@ -253,6 +281,7 @@ def make_training_set(
     seed: int = 0,
     prefix: str = "syn",
     merge_sides: bool = True,
+    workers: int = 1,
 ) -> tuple[list[TrainingCase], LabelTable, pd.DataFrame]:
     """Write ``n_example`` deformed-example and ``n_phantom`` phantom cases to ``out_dir``.
 
@@ -269,6 +298,8 @@ def make_training_set(
     merge_sides : bool
         Write unsided masks (one label per muscle, see :func:`unsided`) for a model whose sides
         come from anatomy; else the sided example labels.
+    workers : int
+        Processes making cases in parallel (``spawn``; the cases do not depend on it).
 
     Returns
     -------
@@ -280,30 +311,21 @@ def make_training_set(
         raise ConfigError(msg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src = _example()
-    labels = src.labels
-    cases, rows = [], []
-    jobs = [("ex", k) for k in range(n_example)] + [("ph", k) for k in range(n_phantom)]
-    for kind, k in jobs:
-        case_id = f"{prefix}-{kind}{k:03d}"
-        case_seed = int(seed) * 10000 + k + (5000 if kind == "ph" else 0)
-        if kind == "ex":
-            img, msk, params = deformed_example(case_id, case_seed, src)
-        else:
-            img, msk, params = phantom(case_id, case_seed)
-        data = np.asarray(msk.dataobj)
-        if merge_sides:
-            data, table = unsided(data, labels)
-        else:
-            table = labels
-        image_path, mask_path = out / f"{case_id}_T2w.nii.gz", out / f"{case_id}_dseg.nii.gz"
-        save_like(np.asarray(img.dataobj).astype(np.float32), img, image_path)
-        save_like(data.astype(np.uint8), img, mask_path)
-        cases.append(TrainingCase(case_id, image_path, mask_path))
-        rows.append({"case": case_id, "kind": params["kind"], "seed": case_seed,
-                     "orientation": params["orientation"], "shape": list(img.shape),
-                     "params": json.dumps(params, default=float)})
-        log.debug("made %s", case_id)
+    labels = load_labels(EXAMPLE_DIR / "labels.json")
+    jobs = [(f"{prefix}-{kind}{k:03d}", int(seed) * 10000 + k + (5000 if kind == "ph" else 0),
+             kind, str(out), merge_sides)
+            for kind, n in (("ex", n_example), ("ph", n_phantom)) for k in range(n)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=int(workers), mp_context=ctx) as pool:
+            rows = list(pool.map(_make_case, jobs))
+    else:
+        rows = [_make_case(job) for job in jobs]
+    cases = [TrainingCase(r["case"], out / f"{r['case']}_T2w.nii.gz",
+                          out / f"{r['case']}_dseg.nii.gz") for r in rows]
     out_labels = unsided(np.zeros(1, dtype=np.int16), labels)[1] if merge_sides else labels
     atomic_write_text(out / "labels.json", json.dumps(labels_document(out_labels), indent=2) + "\n")
     table = pd.DataFrame(rows)

@@ -76,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     # 1. synthetic cases: training (+ nnU-Net validation) and a separate held-out test set
     t = time.perf_counter()
     n_ex, n_ph = args.n_example + args.n_val, args.n_phantom + args.n_val
-    cases, labels, table = make_training_set(work / "cases", n_ex, n_ph, seed=args.seed, prefix="trn")
+    workers = min(2, os.cpu_count() or 1)
+    cases, labels, table = make_training_set(work / "cases", n_ex, n_ph, seed=args.seed, prefix="trn",
+                                             workers=workers)
     val = tuple([c.case_id for c in cases if "-ex" in c.case_id][: args.n_val]
                 + [c.case_id for c in cases if "-ph" in c.case_id][: args.n_val])
     held, _, held_table = make_training_set(work / "heldout", args.n_heldout, args.n_heldout,
-                                            seed=args.seed + 1000, prefix="tst", merge_sides=False)
+                                            seed=args.seed + 1000, prefix="tst", merge_sides=False,
+                                            workers=workers)
     stages["make_cases"] = time.perf_counter() - t
     log.info("made %d training/validation and %d held-out cases in %.0f s", len(cases), len(held),
              stages["make_cases"])

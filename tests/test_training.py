@@ -371,3 +371,18 @@ def test_cli_train_reports_bad_pairs_before_training(tmp_path, capsys):
     assert "s2_dseg.nii.gz" in err
     assert "1 of 2 image/mask pairs" in err
     assert not (tmp_path / "m.zip").exists()
+
+
+def test_splits_single_split_and_stale_removal(tmp_path):
+    from helpers.training import _write_splits
+
+    dirs = NnunetDirs(tmp_path).make()
+    settings = TrainSettings(dataset_id=600, dataset_name="S", folds=(0,), validation_cases=("b",))
+    target = dirs.preprocessed / "Dataset600_S" / "splits_final.json"
+    _write_splits(dirs, settings, ["a", "b", "c"])
+    assert json.loads(target.read_text()) == [{"train": ["a", "c"], "val": ["b"]}]
+    with pytest.raises(ConfigError, match=r"\['z'\]"):
+        _write_splits(dirs, TrainSettings(dataset_id=600, dataset_name="S", folds=(0,),
+                                          validation_cases=("z",)), ["a"])
+    _write_splits(dirs, TrainSettings(dataset_id=600, dataset_name="S"), ["a", "b", "c"])
+    assert not target.exists()  # nnU-Net makes its own 5-fold split of the current cases
