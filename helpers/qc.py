@@ -1589,7 +1589,32 @@ class QCResult:
     mosaics: dict[str, Path] = field(default_factory=dict)
 
 
-def _cases_frame(cases: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+def cases_frame(
+    cases: pd.DataFrame | Mapping[str, Any],
+    required: Sequence[str] = ("subject", "mask"),
+    what: str = "QC cases table",
+    *,
+    allow_empty: bool = True,
+) -> pd.DataFrame:
+    """The cases as a table with a ``subject`` column (str) and the ``required`` columns.
+
+    Parameters
+    ----------
+    cases : DataFrame or mapping
+        A table, or ``{subject: {"image": ..., "mask": ..., ...}}`` or
+        ``{subject: (image, mask)}``.
+    required : sequence of str
+        Columns the caller needs.
+    what : str
+        What the table is, for the error message.
+    allow_empty : bool
+        Accept a table without rows.
+
+    Raises
+    ------
+    ConfigError
+        A required column is missing, or there is no subject and ``allow_empty`` is false.
+    """
     if isinstance(cases, Mapping):
         rows = []
         for subject, entry in cases.items():
@@ -1599,11 +1624,14 @@ def _cases_frame(cases: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
                 image, mask = entry
                 rows.append({"subject": subject, "image": image, "mask": mask})
         cases = pd.DataFrame(rows)
-    missing = {"subject", "mask"} - set(cases.columns)
+    missing = set(required) - set(cases.columns)
     if missing:
-        msg = f"QC cases table lacks the column(s) {sorted(missing)} (needs subject, mask)"
+        msg = f"{what} lacks the column(s) {sorted(missing)} (needs {', '.join(required)})"
         raise ConfigError(msg)
-    return cases.reset_index(drop=True)
+    if cases.empty and not allow_empty:
+        msg = f"{what}: no subjects to show"
+        raise ConfigError(msg)
+    return cases.assign(subject=cases["subject"].astype(str)).reset_index(drop=True)
 
 
 def run_qc(
@@ -1653,7 +1681,7 @@ def run_qc(
     from tqdm.auto import tqdm
 
     settings = settings or QCSettings()
-    table = _cases_frame(cases)
+    table = cases_frame(cases)
     out_dir = Path(out_dir)
     frames: list[pd.DataFrame] = []
     written: dict[str, Path] = {}

@@ -476,17 +476,20 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _n_cores() -> int:
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells it)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS / Windows
         return os.cpu_count() or 1
 
 
-def _versions() -> dict[str, str]:
+def runtime_versions() -> dict[str, str]:
+    """Python, nnunetv2, torch and esma versions, for sidecars and training records."""
+    import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
+    out = {"python": platform.python_version()}
     for pkg in ("nnunetv2", "torch", "esma"):
         try:
             out[pkg] = version(pkg)
@@ -587,7 +590,7 @@ class Segmenter:
                    "segment gives one image (channel _0000) per subject")
             raise ModelError(model.source, msg)
         self.device = _resolve_device(settings.device)
-        self.threads = settings.num_threads or _n_cores()
+        self.threads = settings.num_threads or available_cores()
         if settings.folds is not None:
             missing = [f for f in settings.folds if f not in model.folds]
             if missing:
@@ -935,7 +938,7 @@ def _sidecar(
             "labels_sided": info.sided,
         },
         "settings": record,
-        "versions": _versions(),
+        "versions": runtime_versions(),
         "labels": [{"value": lab.value, "muscle": lab.muscle, "side": lab.side}
                    for lab in labels.labels],
         "side_check": sides,

@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -62,6 +61,7 @@ from helpers.errors import ConfigError, EsmaError, GeometryMismatchError, InputF
 from helpers.files import atomic_path, atomic_write_text
 from helpers.labels import LabelTable, load_labels
 from helpers.nifti import check_same_grid, load_image, load_mask, save_like, subject_from_filename
+from helpers.segment import available_cores, runtime_versions
 
 __all__ = [
     "ESMA_MODEL_FILE",
@@ -346,25 +346,6 @@ def _resolve_device(device: str) -> str:
     if mps is not None and mps.is_available():
         return "mps"
     return "cpu"
-
-
-def _n_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("nnunetv2", "torch", "esma"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:  # pragma: no cover - not installed
-            out[pkg] = "unknown"
-    return out
 
 
 # ---------------------------------------------------------------------------- raw dataset
@@ -789,8 +770,8 @@ def train_fold(
     The fold folder then holds ``checkpoint_final.pth``, ``progress.png`` and
     ``validation/summary.json`` (all three are required for export).
     """
-    n_threads = settings.num_threads or _n_cores()
-    da = settings.da_workers if settings.da_workers is not None else max(1, min(4, _n_cores() - 1))
+    n_threads = settings.num_threads or available_cores()
+    da = settings.da_workers if settings.da_workers is not None else max(1, min(4, available_cores() - 1))
     env = dict(dirs.env())
     env.update({"nnUNet_n_proc_DA": str(da), "nnUNet_def_n_proc": "1"})
     # Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning threads triple
@@ -910,7 +891,7 @@ def export_model(
         "sided": labels.is_sided(),
         "labels_file": LABELS_FILE,
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": _versions(),
+        "versions": runtime_versions(),
     }
     meta.update(dict(metadata or {}))
     with tempfile.TemporaryDirectory(prefix="esma-export-") as tmp:

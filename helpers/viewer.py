@@ -46,7 +46,14 @@ import pandas as pd
 from helpers.errors import EsmaError
 from helpers.labels import LabelTable
 from helpers.nifti import Volume, load_image, load_mask, slice_axis
-from helpers.qc import QC_COLUMNS, read_decisions, render_slice, set_decision, worst_status
+from helpers.qc import (
+    QC_COLUMNS,
+    cases_frame,
+    read_decisions,
+    render_slice,
+    set_decision,
+    worst_status,
+)
 
 __all__ = ["QCBrowser", "Unavailable", "browse", "itkwidgets_support", "view_3d"]
 
@@ -59,26 +66,6 @@ def _widgets() -> Any:
     except ImportError as exc:
         msg = "the QC browser needs ipywidgets (pip install ipywidgets) and JupyterLab"
         raise EsmaError(msg) from exc
-
-
-def _cases_table(cases: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
-    if isinstance(cases, Mapping):
-        rows = []
-        for subject, entry in cases.items():
-            if isinstance(entry, Mapping):
-                rows.append({"subject": subject, **entry})
-            else:
-                image, mask = entry
-                rows.append({"subject": subject, "image": image, "mask": mask})
-        cases = pd.DataFrame(rows)
-    missing = {"subject", "image", "mask"} - set(cases.columns)
-    if missing:
-        msg = f"browse: the cases table lacks the column(s) {sorted(missing)}"
-        raise EsmaError(msg)
-    if cases.empty:
-        msg = "browse: no subjects to show"
-        raise EsmaError(msg)
-    return cases.assign(subject=cases["subject"].astype(str)).reset_index(drop=True)
 
 
 class QCBrowser:
@@ -312,7 +299,8 @@ def browse(
     EsmaError
         ipywidgets missing, or the cases table lacks columns.
     """
-    table = _cases_table(cases)
+    table = cases_frame(cases, ("subject", "image", "mask"), "browse: the cases table",
+                        allow_empty=False)
     if qc is not None:
         missing = set(QC_COLUMNS) - set(qc.columns)
         if missing:

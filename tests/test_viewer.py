@@ -151,6 +151,8 @@ def test_browser_accepts_a_mapping_and_reports_bad_files(tmp_path):
     assert qc.read_decisions(tmp_path / "d.csv")["subject"].tolist() == ["sub-x"]
     with pytest.raises(EsmaError, match="lacks the column"):
         viewer.browse(pd.DataFrame({"subject": ["a"]}), tmp_path / "d.csv", LABELS)
+    with pytest.raises(EsmaError, match="no subjects to show"):
+        viewer.browse(pd.DataFrame(columns=["subject", "image", "mask"]), tmp_path / "d.csv", LABELS)
 
 
 def test_view_3d_without_itkwidgets_gives_a_clear_message(tmp_path, monkeypatch):
