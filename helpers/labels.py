@@ -186,6 +186,26 @@ def _world_xy(idx: tuple[NDArray, ...], affine: NDArray) -> tuple[NDArray, NDArr
     return xyz[0], xyz[1]
 
 
+def _components(
+    mask: NDArray, value: int, structure: NDArray
+) -> tuple[tuple[NDArray, ...], NDArray, int]:
+    """In-plane connected components of one label: voxel indices, component ids, count.
+
+    Labels only the label's bounding box (the muscles fill a small part of the image).
+    """
+    sel = mask == value
+    hit = [np.flatnonzero(sel.any(axis=tuple(a for a in range(mask.ndim) if a != d)))
+           for d in range(mask.ndim)]
+    if any(h.size == 0 for h in hit):
+        empty = tuple(np.zeros(0, np.intp) for _ in range(mask.ndim))
+        return empty, np.zeros(0, np.int32), 0
+    box = tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hit)
+    comp, n_comp = ndi.label(sel[box], structure=structure)
+    local = np.nonzero(comp)
+    idx = tuple(i + b.start for i, b in zip(local, box, strict=True))
+    return idx, comp[local], int(n_comp)
+
+
 def _pairs_by_slice(
     mask: NDArray, affine: NDArray, labels: LabelTable, ax: int
 ) -> list[list[tuple[float, float, float]]]:
@@ -217,11 +237,9 @@ def _pairs_by_slice(
     for lab in labels.labels:
         if lab.side is not None:
             continue
-        comp, n_comp = ndi.label(mask == lab.value, structure=structure)
+        idx, cid, n_comp = _components(mask, lab.value, structure)
         if n_comp < 2:
             continue
-        idx = np.nonzero(comp)
-        cid = comp[idx]
         x, y = _world_xy(idx, affine)
         size = np.bincount(cid, minlength=n_comp + 1).astype(float)
         cx = np.bincount(cid, x, n_comp + 1) / np.maximum(size, 1)
@@ -423,11 +441,9 @@ def split_sides(
     structure = _inplane_structure(ax)
     for lab in unsided:
         right, left = value_map[lab.value]
-        comp, n_comp = ndi.label(mask == lab.value, structure=structure)
+        idx, cid, n_comp = _components(mask, lab.value, structure)
         if not n_comp:
             continue
-        idx = np.nonzero(comp)
-        cid = comp[idx]
         is_right = _signed_offset(idx, affine, midlines, ax) > 0
         n = np.bincount(cid, minlength=n_comp + 1)
         n_right = np.bincount(cid, is_right, minlength=n_comp + 1)
