@@ -297,9 +297,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------- DICOM ingest (issue 6)
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ingest", help="convert DICOM axial T2 series to pseudonymized NIfTI")
-    p.add_argument("dicom_dir", type=Path, help="folder of DICOM files (searched recursively)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p = sub.add_parser(
+        "ingest",
+        help="convert DICOM axial T2 series to pseudonymized NIfTI",
+        usage="esma ingest DICOM_DIR --out DIR [options] | esma ingest --study STUDY.yml",
+    )
+    p.add_argument(
+        "dicom_dir", nargs="?", type=Path, help="folder of DICOM files (searched recursively)"
+    )
+    p.add_argument("--out", type=Path, help="output folder")
+    p.add_argument(
+        "--study",
+        type=Path,
+        help="ingest what the study YAML's ingest: section names (DICOM folder, out, key, "
+        "rules); skipped when already done with the same files and settings",
+    )
     p.add_argument(
         "--key",
         type=Path,
@@ -321,6 +333,11 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from helpers.dicom import IngestRules, ingest
 
+    if args.study is not None:
+        return _ingest_study(args)
+    if args.dicom_dir is None or args.out is None:
+        msg = "give DICOM_DIR and --out DIR, or --study STUDY.yml"
+        raise EsmaError(msg)
     rules = IngestRules(
         allow_fat_suppressed=args.allow_fat_suppressed,
         allow_windowed=args.allow_windowed,
@@ -330,6 +347,26 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         args.dicom_dir, args.out, key_path=args.key, secret_path=args.secret_file, rules=rules
     )
     log.info("wrote %d images and %s", len(result.images), args.out / "ingest.csv")
+    return EXIT_PARTIAL if result.failed else EXIT_OK
+
+
+def _ingest_study(args: argparse.Namespace) -> int:
+    from helpers.config import load_study
+    from helpers.pipeline import ingest_stage, ingest_summary
+
+    defaults = {"dicom_dir": None, "out": None, "key": None, "secret_file": None,
+                "allow_fat_suppressed": False, "allow_windowed": False, "max_axial_angle": 30.0}
+    given = [k for k, v in defaults.items() if getattr(args, k) != v]
+    if given:
+        names = ", ".join("DICOM_DIR" if k == "dicom_dir" else "--" + k.replace("_", "-")
+                          for k in given)
+        msg = (f"--study takes the DICOM folder, out, key and rules from the study file; "
+               f"drop {names}")
+        raise EsmaError(msg)
+    study = load_study(args.study)
+    result = ingest_stage(study)
+    log.info("%s%s; images and ingest.csv in %s", ingest_summary(result.table),
+             " (reused: DICOM unchanged)" if result.reused else "", study.ingest.out)
     return EXIT_PARTIAL if result.failed else EXIT_OK
 
 

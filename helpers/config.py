@@ -49,6 +49,17 @@ Every key (:data:`STUDY_KEYS`)::
       alpha: 0.05
     executor: {kind: processes, workers: 2}           # or sequential, or dask
     output: reports/lumbar2024     # default reports/<study>; runs go to <output>/<run-id>/
+    ingest:                        # instead of images: DICOM export -> pseudonymized NIfTI
+      dicom: exports/lumbar2024    # folder searched recursively for DICOM files
+      out: ingested                # default <output>/ingested (NIfTI + ingest.csv)
+      key: ../private/pseudonym_key.csv   # required; outside the output and out folders
+      secret: ../private/pseudonym_key.secret   # optional (default: key with suffix .secret)
+      rules: {allow_fat_suppressed: false, max_axial_angle_deg: 30}
+                                   # helpers.dicom.IngestRules
+
+With ``ingest:`` the cohort is what the ingest wrote (``<out>/ingest.csv``, rows with status
+``written``); before the first ingest the study has no subject yet (``esma run`` ingests first,
+``esma ingest --study STUDY.yml`` does only that).
 """
 
 from __future__ import annotations
@@ -74,6 +85,7 @@ __all__ = [
     "CONVEX_CONCAVE_INDICES",
     "STUDY_KEYS",
     "ClinicalSpec",
+    "IngestSpec",
     "StatisticsSpec",
     "Study",
     "SubjectFiles",
@@ -103,8 +115,13 @@ STUDY_KEYS: dict[str, str] = {
     "statistics": "statistics settings (covariates, indices, scores, muscles, levels, ...)",
     "executor": "how per-subject work runs (kind: sequential | processes | dask, ...)",
     "output": "output folder; runs go to OUTPUT/<run-id>/ (default reports/<study>)",
+    "ingest": "DICOM export to ingest instead of images: {dicom, out, key, secret, rules}",
 }
 REQUIRED_KEYS = ("study", "images", "labels")
+#: Keys of the ``ingest`` section (``dicom`` and ``key`` required).
+INGEST_KEYS = ("dicom", "out", "key", "secret", "rules")
+#: Default ingest output folder, inside the study's output folder.
+DEFAULT_INGEST_OUT = "ingested"
 
 #: Asymmetry indices written by the metrics stage (left vs right), correlated by default.
 ASYMMETRY_INDICES = ("cdi", "cdi_abs", "lfiar", "lfiar_log")
@@ -186,6 +203,42 @@ class ClinicalSpec:
 
 
 @dataclass(frozen=True)
+class IngestSpec:
+    """The study's DICOM export and how it is ingested (:func:`helpers.dicom.ingest_once`).
+
+    Attributes
+    ----------
+    dicom : Path
+        DICOM folder, searched recursively.
+    out : Path
+        Ingest output folder: ``<pseudonym>_T2w.nii.gz`` files and ``ingest.csv``.
+    key : Path
+        Pseudonym key CSV (private; never inside ``out`` or the study's output folder).
+    secret : Path or None
+        Pseudonym secret file; None = the key path with suffix ``.secret``.
+    rules : dict
+        Validated :class:`helpers.dicom.IngestRules` fields.
+    """
+
+    dicom: Path
+    out: Path
+    key: Path
+    secret: Path | None = None
+    rules: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def table(self) -> Path:
+        """The ingest's ``ingest.csv`` (one row per DICOM series)."""
+        return self.out / "ingest.csv"
+
+    def ingest_rules(self) -> Any:
+        """:class:`helpers.dicom.IngestRules` built from ``rules``."""
+        from helpers.dicom import IngestRules
+
+        return IngestRules.from_mapping(dict(self.rules))
+
+
+@dataclass(frozen=True)
 class StatisticsSpec:
     """What the statistics notebook correlates.
 
@@ -246,6 +299,9 @@ class Study:
         Free text for the reports.
     images_spec : str
         How the images were found (for the reports).
+    ingest : IngestSpec or None
+        The DICOM export the images come from (``ingest:`` key); with it, ``subjects`` are the
+        images the last ingest wrote (none before the first ingest).
     """
 
     name: str
@@ -262,6 +318,7 @@ class Study:
     output: Path
     description: str = ""
     images_spec: str = ""
+    ingest: IngestSpec | None = None
 
     @property
     def subject_ids(self) -> list[str]:
@@ -368,7 +425,11 @@ def parse_study(document: object, source: str | Path) -> Study:
     v = _Validator(source)
     if not isinstance(document, dict):
         v.fail("", "expected a mapping of keys (study:, images:, labels:, ...)")
-    v.check_keys("", document, STUDY_KEYS, REQUIRED_KEYS)
+    has_ingest = document.get("ingest") is not None
+    required = tuple(k for k in REQUIRED_KEYS if not (has_ingest and k == "images"))
+    v.check_keys("", document, STUDY_KEYS, required)
+    if has_ingest and document.get("images") is not None:
+        v.fail("images", "give either images: or ingest: (the images are what it writes), not both")
 
     name = v.string("study", document["study"])
     if not _NAME_RE.match(name):
@@ -378,7 +439,16 @@ def parse_study(document: object, source: str | Path) -> Study:
     labels = v.existing_file("labels", document["labels"])
     _check_labels(v, labels)
 
-    subjects, images_spec = _find_images(v, document["images"])
+    output_raw = document.get("output")
+    output = v.path("output", output_raw) if output_raw else source.parent / "reports" / name
+    if output.exists() and not output.is_dir():
+        v.fail("output", f"{output} exists and is not a folder")
+
+    ingest = _ingest(v, document.get("ingest"), output)
+    if ingest is None:
+        subjects, images_spec = _find_images(v, document["images"])
+    else:
+        subjects, images_spec = _from_ingest(v, ingest), f"DICOM ingest ({ingest.out.name}/)"
     subjects = _attach(v, "masks", document.get("masks"), subjects, _MASK_SUFFIXES, "mask")
     subjects = _attach(
         v, "manual_masks", document.get("manual_masks"), subjects, _MASK_SUFFIXES, "manual_mask"
@@ -404,10 +474,6 @@ def parse_study(document: object, source: str | Path) -> Study:
     qc = _delegate(v, "qc", document.get("qc"), _qc_factory)
     executor = _delegate(v, "executor", document.get("executor"), _executor_factory)
     statistics = _statistics(v, document.get("statistics"))
-    output_raw = document.get("output")
-    output = v.path("output", output_raw) if output_raw else source.parent / "reports" / name
-    if output.exists() and not output.is_dir():
-        v.fail("output", f"{output} exists and is not a folder")
 
     return Study(
         name=name,
@@ -424,6 +490,7 @@ def parse_study(document: object, source: str | Path) -> Study:
         output=output,
         description=description,
         images_spec=images_spec,
+        ingest=ingest,
     )
 
 
@@ -657,7 +724,7 @@ def _attach(
     attribute: str,
 ) -> list[SubjectFiles]:
     """Fill one per-subject file (mask, manual_mask, levels) from a pattern or a folder."""
-    if spec is None:
+    if spec is None or not subjects:  # no subject yet: a study whose DICOM is not ingested
         return subjects
     text = v.string(key, spec)
     if attribute == "levels" and "{subject}" not in text and v.path(key, text).is_file():
@@ -695,6 +762,103 @@ def _attach(
     if missing:
         log.warning("%s: no %s file for %s", key, attribute, _preview(missing))
     return out
+
+
+def _ingest(v: _Validator, spec: object, output: Path) -> IngestSpec | None:
+    """Validate the ``ingest`` section: folders exist, the key stays out of every output."""
+    if spec is None:
+        return None
+    options = v.mapping("ingest", spec)
+    v.check_keys("ingest", options, INGEST_KEYS, ("dicom", "key"))
+    dicom = v.path("ingest.dicom", options["dicom"])
+    if not dicom.is_dir():
+        v.fail("ingest.dicom", f"{dicom}: DICOM folder not found")
+    out = (
+        v.path("ingest.out", options["out"])
+        if options.get("out") is not None
+        else output / DEFAULT_INGEST_OUT
+    )
+    if out.exists() and not out.is_dir():
+        v.fail("ingest.out", f"{out} exists and is not a folder")
+    if out.is_relative_to(dicom) or dicom.is_relative_to(out):
+        v.fail("ingest.out", f"{out} and the DICOM folder {dicom} must not lie inside each other")
+    key = v.path("ingest.key", options["key"])
+    secret = (
+        v.path("ingest.secret", options["secret"]) if options.get("secret") is not None else None
+    )
+    for what, path in (("key", key), ("secret", secret or key.with_suffix(".secret"))):
+        for folder, name in (
+            (output, "the study's output folder"),
+            (out, "the ingest's out folder"),
+            (dicom, "the DICOM folder"),
+        ):
+            if path.is_relative_to(folder):
+                v.fail(
+                    f"ingest.{what}",
+                    f"{path} lies inside {name} {folder}; the pseudonym {what} maps study IDs "
+                    "back to patients: keep it outside the DICOM export and everything esma "
+                    "writes",
+                )
+        if path.is_dir():
+            v.fail(f"ingest.{what}", f"{path} is a folder; give a file name")
+    rules = _ingest_rules(v, options.get("rules"))
+    return IngestSpec(dicom=dicom, out=out, key=key, secret=secret, rules=rules)
+
+
+def _ingest_rules(v: _Validator, spec: object) -> dict[str, Any]:
+    """Check each rule's type against :class:`helpers.dicom.IngestRules`, then build it."""
+    from helpers.dicom import IngestRules
+
+    options = v.mapping("ingest.rules", spec)
+    defaults = {f.name: f.default for f in dataclasses.fields(IngestRules)}
+    v.check_keys("ingest.rules", options, list(defaults))
+    for name, value in options.items():
+        default, where = defaults[name], f"ingest.rules.{name}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                v.fail(where, f"expected true or false, got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                v.fail(where, f"expected a number, got {value!r}")
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                v.fail(where, f"expected a regular expression (text), got {value!r}")
+        elif isinstance(default, tuple) and not (
+            isinstance(value, list | tuple)
+            and len(value) == len(default)
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in value)
+        ):
+            v.fail(where, f"expected [low, high] in ms, got {value!r}")
+    try:
+        IngestRules.from_mapping(options)
+    except ConfigError as exc:
+        text = str(exc)
+        if text.startswith("ingest.") and ": " in text:  # "ingest.gap_factor: must be > 1 ..."
+            field_name, _, problem = text.partition(": ")
+            v.fail(f"ingest.rules.{field_name[len('ingest.') :]}", problem)
+        v.fail("ingest.rules", text)
+    return {k: list(val) if isinstance(val, tuple) else val for k, val in options.items()}
+
+
+def _from_ingest(v: _Validator, spec: IngestSpec) -> list[SubjectFiles]:
+    """The images an earlier ingest wrote (``ingest.csv`` rows with status ``written``).
+
+    Empty when the DICOM export has not been ingested yet, or when a listed image is missing
+    (the ingest runs again before the study does).
+    """
+    if not spec.table.is_file():
+        return []
+    try:
+        table = pd.read_csv(spec.table, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        log.warning("%s: unreadable (%s); the DICOM is ingested again", spec.table.name, exc)
+        return []
+    if not {"status", "image"} <= set(table.columns):
+        return []
+    images = [spec.out / name for name in table.loc[table["status"] == "written", "image"]]
+    if not all(p.is_file() for p in images):
+        return []
+    return _unique(v, [SubjectFiles(subject_from_filename(p), p.resolve()) for p in images])
 
 
 def _clinical(v: _Validator, spec: object) -> ClinicalSpec | None:

@@ -96,6 +96,17 @@ time, then series number, then series UID; the first *written* one is
 ``<pseudonym>_T2w.nii.gz`` and the next ones ``<pseudonym>_run-2_T2w.nii.gz``, ``_run-3_`` ...
 (BIDS style; downstream a run is its own subject ID, ``sub-xxx_run-2``).
 
+Ingesting again
+---------------
+:func:`ingest_once` (what ``esma run`` does for a study with an ``ingest:`` section, and
+``esma ingest --study``) skips the work when the last ingest into the same folder is complete
+and was made from the same DICOM files with the same rules, key and secret: ``ingest.csv`` and
+every image it lists carry completion markers (:func:`helpers.files.mark_done`) whose settings
+hold a digest of the DICOM folder's file list (relative path, size and modification time of
+every file; the digest only, no name), the rules and digests of the key and secret paths; the
+key must still map every written pseudonym back through the secret.  ``ingest.json`` keeps the
+counts of that ingest.
+
 What never leaves the key
 -------------------------
 PatientName, PatientID, PatientBirthDate, AccessionNumber, InstitutionName, StudyDate (dates are
@@ -113,11 +124,13 @@ import csv
 import hashlib
 import hmac
 import io
+import json
 import logging
 import math
 import os
 import re
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -133,7 +146,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
 from helpers.errors import ConfigError, InputFileError
-from helpers.files import atomic_path, atomic_write_text
+from helpers.files import atomic_path, atomic_write_text, is_done, mark_done
 
 __all__ = [
     "DEFAULT_KEY_NAME",
@@ -146,7 +159,9 @@ __all__ = [
     "classify_t2",
     "detect_fat_suppression",
     "detect_windowing",
+    "dicom_fingerprint",
     "ingest",
+    "ingest_once",
     "pseudonym",
     "rules_summary",
     "series_geometry",
@@ -173,6 +188,8 @@ INGEST_COLUMNS = (
     "repetition_time_ms",
     "issues",
 )
+#: Counts of the last ingest into a folder (no identity), read back by :func:`ingest_once`.
+SUMMARY_NAME = "ingest.json"
 #: Columns of the pseudonym key file (identity: keep it private).
 KEY_COLUMNS = (
     "pseudonym",
@@ -705,6 +722,10 @@ class IngestResult:
         Files that were not DICOM images (notes in the log).
     patients_without_image : int
         Patients for whom no series was written.
+    reused : bool
+        True when :func:`ingest_once` found the same ingest already done and wrote nothing.
+    seconds : float
+        Wall time (s) of :func:`ingest_once` (0 from :func:`ingest`).
     """
 
     table: pd.DataFrame
@@ -713,6 +734,8 @@ class IngestResult:
     n_files: int
     skipped_files: int
     patients_without_image: int
+    reused: bool = False
+    seconds: float = 0.0
 
     @property
     def failed(self) -> bool:
@@ -836,6 +859,141 @@ def ingest(
         key_path,
     )
     return IngestResult(table, images, key_path, n_files, skipped, without_image)
+
+
+def dicom_fingerprint(dicom_dir: str | Path) -> tuple[str, int]:
+    """Digest of a folder's file list: relative path, size and mtime of every file (cheap).
+
+    Returns
+    -------
+    digest : str
+        Hex sha256 (the names themselves are never stored: export folders can carry names).
+    n_files : int
+        Files under the folder.
+    """
+    dicom_dir = Path(dicom_dir)
+    digest = hashlib.sha256()
+    n = 0
+    for root, dirs, files in os.walk(dicom_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            digest.update(
+                f"{path.relative_to(dicom_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+            )
+            n += 1
+    return digest.hexdigest(), n
+
+
+def ingest_once(
+    dicom_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    key_path: str | Path,
+    secret_path: str | Path | None = None,
+    rules: IngestRules | None = None,
+) -> IngestResult:
+    """:func:`ingest`, unless the same ingest into ``out_dir`` is already complete.
+
+    "The same" means: the DICOM folder's file list (paths, sizes, modification times), the
+    rules, the key and secret paths are unchanged; ``ingest.csv`` and every image it lists
+    still match their completion markers; and the key still maps every written pseudonym back
+    through the secret.  Otherwise everything is ingested again (written atomically; the
+    markers are written last, so an interrupted ingest is never taken as done).
+
+    Parameters
+    ----------
+    dicom_dir, out_dir, key_path, secret_path, rules
+        As for :func:`ingest` (``key_path`` required).
+
+    Returns
+    -------
+    IngestResult
+        With ``reused=True`` when nothing had to be done.
+    """
+    t0 = time.perf_counter()
+    rules = rules or IngestRules()
+    dicom_dir, out_dir, key_path = Path(dicom_dir), Path(out_dir), Path(key_path)
+    secret_path = Path(secret_path) if secret_path else key_path.with_suffix(".secret")
+    if not dicom_dir.is_dir():
+        raise InputFileError(dicom_dir, "DICOM folder not found")
+    fingerprint, n_files = dicom_fingerprint(dicom_dir)
+    settings = {
+        "dicom_files": fingerprint,
+        "n_files": n_files,
+        "rules": rules_summary(rules),
+        "key_path": _path_digest(key_path),
+        "secret": "environment" if os.environ.get(SECRET_ENV) else _path_digest(secret_path),
+    }
+    reused = _reuse(out_dir, settings, key_path, secret_path)
+    if reused is not None:
+        log.info(
+            "ingest: DICOM unchanged since the last ingest; %d images reused", len(reused.images)
+        )
+        reused.seconds = time.perf_counter() - t0
+        return reused
+    result = ingest(dicom_dir, out_dir, key_path=key_path, secret_path=secret_path, rules=rules)
+    summary = {
+        "n_files": result.n_files,
+        "skipped_files": result.skipped_files,
+        "patients_without_image": result.patients_without_image,
+        "series": {k: int(v) for k, v in result.table["status"].value_counts().items()},
+        "rules": rules_summary(rules),
+    }
+    atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2))
+    for image in result.images:
+        mark_done(image, settings)
+    mark_done(out_dir / "ingest.csv", settings)  # last: the ingest is complete
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _path_digest(path: Path) -> str:
+    return hashlib.sha256(str(path.resolve()).encode("utf-8")).hexdigest()[:16]
+
+
+def _reuse(
+    out_dir: Path, settings: dict[str, Any], key_path: Path, secret_path: Path
+) -> IngestResult | None:
+    """The earlier result when it is complete, unchanged and its key still maps it; else None."""
+    table_path = out_dir / "ingest.csv"
+    if not is_done(table_path, settings):
+        return None
+    try:
+        table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+        summary = json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+    if list(table.columns) != list(INGEST_COLUMNS):
+        return None
+    written = table[table["status"] == "written"]
+    images = [out_dir / name for name in written["image"]]
+    if not all(is_done(p, settings) for p in images):
+        return None
+    if not key_path.is_file() or (not secret_path.is_file() and not os.environ.get(SECRET_ENV)):
+        return None
+    secret = _load_secret(secret_path, key_path)
+    key = {(r.get("pseudonym"), r.get("image")): r for r in _read_key(key_path)}
+    for subject, name in zip(written["subject"], written["image"], strict=True):
+        row = key.get((subject, name))
+        if row is None:
+            return None
+        identity = row.get("patient_id") or f"no-patient-id:{row.get('study_instance_uid', '')}"
+        if pseudonym(identity, secret) != subject:
+            return None
+    return IngestResult(
+        table,
+        images,
+        key_path,
+        int(summary.get("n_files", settings["n_files"])),
+        int(summary.get("skipped_files", 0)),
+        int(summary.get("patients_without_image", 0)),
+        reused=True,
+    )
 
 
 def _is_inside(path: Path, folder: Path) -> bool:

@@ -3,7 +3,9 @@
 A run (:func:`run_study`, ``esma run STUDY.yml``) goes:
 
 1. validate the study YAML (:func:`helpers.config.load_study`); an invalid study stops here with
-   exit code 2 and nothing written;
+   exit code 2 and nothing written; a study with an ``ingest:`` section then has its DICOM
+   export ingested (:func:`ingest_stage`; skipped when already done with the same files and
+   settings) and its cohort is the images the ingest wrote;
 2. create a new run folder ``<output>/<run-id>/`` (``run-id`` = UTC time stamp + random hex; an
    existing folder is never reused or overwritten) and freeze the study in it
    (``study.yml`` with absolute paths + ``cohort.csv``): every notebook of the run reads that
@@ -51,7 +53,7 @@ import pandas as pd
 import yaml
 
 from helpers.config import Study, load_study, resolved_document
-from helpers.errors import ConfigError, EsmaError, OutputError
+from helpers.errors import ConfigError, EsmaError, InputFileError, OutputError
 from helpers.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 __all__ = [
@@ -67,8 +69,11 @@ __all__ = [
     "collect_failures",
     "execute_notebook",
     "export_html",
+    "ingest_failures",
+    "ingest_stage",
     "new_run_id",
     "open_study",
+    "record_ingest",
     "run_paths",
     "run_study",
 ]
@@ -233,6 +238,13 @@ def open_study(study: str | Path, run_dir: str | Path = "") -> tuple[Study, RunP
     """
     _notebook_logging()
     s = load_study(study)
+    if s.ingest is not None and not s.subjects:
+        msg = (
+            f"{s.source.name}: ingest: the DICOM export has not been ingested yet "
+            f"(no {s.ingest.table.name}); run esma ingest --study {s.source.name} "
+            f"or esma run {s.source.name}"
+        )
+        raise ConfigError(msg)
     return s, run_paths(s, run_dir)
 
 
@@ -620,9 +632,19 @@ def run_study(
         check_parameters(nb, params)  # before any folder is created
         plan.append((nb, params))
 
+    ingested = None
+    if study.ingest is not None:
+        ingested = ingest_stage(study)
+        study = load_study(study_path)  # the cohort is what the ingest wrote
+        if not study.subjects:
+            msg = f"no image to analyse: {ingest_summary(ingested.table)} (see its issues column)"
+            raise InputFileError(study.ingest.table, msg)
+
     run_id, run_dir = _create_run_dir(study.output)
     log.info("run %s of study %s -> %s", run_id, study.name, run_dir)
     frozen = _freeze_study(study, run_dir)
+    if ingested is not None:
+        record_ingest(run_paths(study, run_dir), ingested)
     checksums = input_checksums(study)  # the inputs as they were when the run started
 
     runs: list[NotebookRun] = []
@@ -773,7 +795,8 @@ def collect_failures(run_dir: str | Path) -> pd.DataFrame:
             continue
         parts.append(table.reindex(columns=FAILURE_COLUMNS))
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=FAILURE_COLUMNS)
-    order = {s: i for i, s in enumerate(("segment", "qc", "metrics", "clinical", "statistics"))}
+    stages = ("ingest", "segment", "qc", "metrics", "clinical", "statistics")
+    order = {s: i for i, s in enumerate(stages)}
     table = table.sort_values(
         ["stage", "subject"], key=lambda c: c.map(order).fillna(99) if c.name == "stage" else c
     ).reset_index(drop=True)
@@ -790,7 +813,11 @@ def write_excluded(paths: RunPaths, excluded: pd.DataFrame) -> Path:
 
 
 def collect_excluded(run_dir: str | Path, failures: pd.DataFrame) -> pd.DataFrame:
-    """Subjects left out of the analysis and why: QC decisions and processing failures."""
+    """Subjects left out of the analysis and why: QC decisions and processing failures.
+
+    A refused DICOM series of a subject who is in the run's cohort anyway (another of its
+    series was ingested) is a failure but not an exclusion.
+    """
     run_dir = Path(run_dir)
     parts = []
     qc_file = run_dir / "excluded_qc.csv"
@@ -798,6 +825,10 @@ def collect_excluded(run_dir: str | Path, failures: pd.DataFrame) -> pd.DataFram
         parts.append(pd.read_csv(qc_file, dtype=str, keep_default_na=False))
     if not failures.empty:
         f = failures.copy()
+        cohort_file = run_dir / "cohort.csv"
+        if cohort_file.is_file() and (f["stage"] == "ingest").any():
+            cohort = set(pd.read_csv(cohort_file, dtype=str, keep_default_na=False)["subject"])
+            f = f[~((f["stage"] == "ingest") & f["subject"].isin(cohort))]
         f["reason"] = f["stage"] + " failed: " + f["error"].astype(str)
         f["source"] = "failure"
         parts.append(f[EXCLUDED_COLUMNS])
@@ -846,7 +877,7 @@ def record_stage(paths: RunPaths, stage: str, status: pd.DataFrame, seconds: flo
 
 def read_stage_records(run_dir: str | Path) -> list[dict]:
     """Stage records of a run, in pipeline order."""
-    order = ["segment", "qc", "metrics", "statistics"]
+    order = ["ingest", "segment", "qc", "metrics", "statistics"]
     records = []
     for path in Path(run_dir, _STAGES_DIR).glob("*.json"):
         try:
@@ -896,6 +927,15 @@ def input_checksums(study: Study) -> list[dict[str, str]]:
                 "role": "model",
                 "file": study.model.name,
                 "sha256": _model_checksum(study.model),
+            }
+        )
+    if study.ingest is not None and study.ingest.table.is_file():
+        rows.append(
+            {
+                "subject": "-",
+                "role": "DICOM ingest table",
+                "file": study.ingest.table.name,
+                "sha256": sha256_file(study.ingest.table),
             }
         )
     if study.clinical is not None:
@@ -986,6 +1026,10 @@ def build_manifest(
             "executor": study.executor,
             "statistics": dataclasses.asdict(study.statistics),
             "clinical_mapping": study.clinical.mapping if study.clinical else None,
+            # rules only: the DICOM folder's path may carry a patient's name
+            "ingest": {"rules": study.ingest.rules, "out": study.ingest.out.name}
+            if study.ingest
+            else None,
             "uses_given_masks": study.uses_given_masks,
         },
         "n_subjects": len(study.subjects),
@@ -1062,6 +1106,7 @@ def write_index(
         for c in manifest["checksums"]
     )
     empty = '<tr><td colspan="3">none</td></tr>'
+    ingest_section = _ingest_section(run_dir)
     description = e(manifest.get("description") or "")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -1087,7 +1132,7 @@ code, pre {{ font-size: 0.85em; }} details {{ margin-bottom: 1em; }}
 (<i>reused</i> = finished earlier with the same inputs and settings).</p>
 <table><tr><th>stage</th><th>subjects</th><th>status</th><th>seconds</th></tr>
 {"".join(stage_rows) or '<tr><td colspan="4">none</td></tr>'}</table>
-<h2>Excluded subjects</h2>
+{ingest_section}<h2>Excluded subjects</h2>
 <table><tr><th>subject</th><th>reason</th><th>source</th></tr>{"".join(ex_rows) or empty}</table>
 <h2>Failures</h2>
 <p>Also in <a href="failures.csv">failures.csv</a>.</p>
@@ -1108,6 +1153,33 @@ code, pre {{ font-size: 0.85em; }} details {{ margin-bottom: 1em; }}
     return target
 
 
+def _ingest_section(run_dir: Path) -> str:
+    """The index's DICOM ingest section: series counts and every series with a finding."""
+    path = run_dir / "ingest.csv"
+    if not path.is_file():
+        return ""
+    e = html.escape
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return ""
+    noted = table[table["issues"].str.strip() != ""]
+    rows = "".join(
+        f"<tr><td>{e(r['subject'])}</td><td class=num>{e(r['series'])}</td>"
+        f"<td>{e(r['image'])}</td><td>{e(r['status'])}</td><td>{e(r['issues'])}</td></tr>"
+        for r in noted.to_dict("records")
+    )
+    body = rows or '<tr><td colspan="5">none</td></tr>'
+    return (
+        "<h2>DICOM ingest</h2>\n"
+        f"<p>{e(ingest_summary(table))}. Every series and its findings: "
+        '<a href="ingest.csv">ingest.csv</a>; refused series are also listed under '
+        "Failures.</p>\n"
+        "<table><tr><th>subject</th><th>series</th><th>image</th><th>status</th>"
+        f"<th>findings</th></tr>{body}</table>\n"
+    )
+
+
 def _plain(obj: Any) -> Any:
     """Tuples to lists, paths to strings: something yaml.safe_dump accepts."""
     if isinstance(obj, Mapping):
@@ -1117,6 +1189,102 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+# ------------------------------------------------------------------------------ DICOM ingest
+def ingest_stage(study: Study) -> Any:
+    """Ingest the study's DICOM export (:func:`helpers.dicom.ingest_once`).
+
+    Skipped (``reused``) when the last ingest into the same folder is complete and was made
+    from the same DICOM files with the same rules, key and secret.
+
+    Returns
+    -------
+    helpers.dicom.IngestResult
+
+    Raises
+    ------
+    ConfigError
+        The study has no ``ingest:`` section, or its key/secret are unusable.
+    InputFileError
+        The DICOM folder holds no DICOM image.
+    """
+    from helpers.dicom import ingest_once
+
+    spec = study.ingest
+    if spec is None:
+        msg = f"{study.source.name}: ingest: the study has no ingest: section"
+        raise ConfigError(msg)
+    result = ingest_once(
+        spec.dicom,
+        spec.out,
+        key_path=spec.key,
+        secret_path=spec.secret,
+        rules=spec.ingest_rules(),
+    )
+    log.info(
+        "ingest %s: %s",
+        "reused (DICOM unchanged)" if result.reused else "done",
+        ingest_summary(result.table),
+    )
+    return result
+
+
+def ingest_summary(table: pd.DataFrame) -> str:
+    """One line of counts: ``6 series of 4 subjects: 4 written, 1 refused, 1 skipped``."""
+    counts = table["status"].value_counts() if len(table) else pd.Series(dtype=int)
+    parts = [f"{int(counts.get(k, 0))} {k}" for k in ("written", "refused", "skipped")]
+    n = table["subject"].nunique() if len(table) else 0
+    return f"{len(table)} DICOM series of {n} subject{'' if n == 1 else 's'}: " + ", ".join(parts)
+
+
+def ingest_failures(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-subject failures of an ingest (subject, stage, error) from its ``ingest.csv``.
+
+    Every refused series is a failure (with its findings); so is a subject none of whose
+    series was written (all skipped: no axial T2).  Skipped series of a subject who has an
+    image (localizers, sagittal series) are not failures.
+    """
+    rows = []
+    for subject, group in table.groupby("subject", sort=True):
+        has_image = bool((group["status"] == "written").any())
+        for r in group[group["status"] == "refused"].to_dict("records"):
+            outcome = "another series of this subject was used" if has_image else "no image"
+            rows.append(
+                {
+                    "subject": subject,
+                    "stage": "ingest",
+                    "error": f"DICOM series {r['series']} refused ({outcome}): {r['issues']}",
+                }
+            )
+        if not has_image and not (group["status"] == "refused").any():
+            skipped = "; ".join(
+                f"series {r['series']}: {r['issues']}" for r in group.to_dict("records")
+            )
+            rows.append(
+                {
+                    "subject": subject,
+                    "stage": "ingest",
+                    "error": f"no axial T2 series ({skipped})",
+                }
+            )
+    return pd.DataFrame(rows, columns=FAILURE_COLUMNS)
+
+
+def record_ingest(paths: RunPaths, result: Any) -> None:
+    """Put an ingest into a run: ``ingest.csv``, ``failures_ingest.csv``, the stage record."""
+    table = result.table
+    atomic_write_text(paths.file("ingest.csv"), table.to_csv(index=False))
+    write_failures(paths, "ingest", ingest_failures(table))
+    written = set(table.loc[table["status"] == "written", "subject"])
+    ok = "reused" if result.reused else "computed"
+    status = pd.DataFrame(
+        {
+            "subject": sorted(set(table["subject"])),
+            "status": [ok if s in written else "failed" for s in sorted(set(table["subject"]))],
+        }
+    )
+    record_stage(paths, "ingest", status, result.seconds)
 
 
 # ==========================================================================================

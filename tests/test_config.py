@@ -278,3 +278,117 @@ def test_resolved_document_round_trips(study_dir, tmp_path, monkeypatch):
         "output",
     ):
         assert getattr(again, field) == getattr(study, field), field
+
+
+# ------------------------------------------------------------------------- DICOM ingest
+INGEST = {
+    "study": "trial",
+    "labels": "labels.json",
+    "model": "model.zip",
+    "output": "out",
+    "ingest": {"dicom": "dicom", "key": "../private/key.csv"},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"images": "images/*_T2w.nii.gz"}, "study.yml: images: give either images: or ingest:"),
+        ({"ingest": {"dicom": "dicom"}}, "study.yml: ingest.key: required key is missing"),
+        (
+            {"ingest": {"dicom": "nowhere", "key": "../k.csv"}},
+            "study.yml: ingest.dicom: ",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "out/key.csv"}},
+            "study.yml: ingest.key: ",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "../k.csv", "out": "nifti", "secret": "nifti/s"}},
+            "study.yml: ingest.secret: ",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "dicom/key.csv"}},
+            "study.yml: ingest.key: ",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "../k.csv", "out": "dicom/nifti"}},
+            "study.yml: ingest.out: ",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "../k.csv", "outt": "x"}},
+            "study.yml: ingest.outt: unknown key (did you mean 'out'?)",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "../k.csv", "rules": {"allow_fatsup": True}}},
+            "study.yml: ingest.rules.allow_fatsup: unknown key",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "../k.csv", "rules": {"allow_windowed": "yes"}}},
+            "study.yml: ingest.rules.allow_windowed: expected true or false, got 'yes'",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "../k.csv", "rules": {"gap_factor": 1}}},
+            "study.yml: ingest.rules.gap_factor: must be > 1, got 1",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "../k.csv", "rules": {"echo_time_ms": [90]}}},
+            "study.yml: ingest.rules.echo_time_ms: expected [low, high] in ms, got [90]",
+        ),
+        (
+            {"ingest": {"dicom": "dicom", "key": "../k.csv", "rules": {"t2_pattern": "T2("}}},
+            "study.yml: ingest.rules.t2_pattern: not a valid regular expression",
+        ),
+    ],
+)
+def test_ingest_section_messages_name_the_key_and_the_problem(study_dir, change, expected):
+    (study_dir / "dicom").mkdir()
+    msg = _error(study_dir, {**INGEST, **change})
+    assert msg.startswith(expected), msg
+    assert "\n" not in msg
+    if "lies inside" in msg:
+        assert "keep it outside" in msg
+
+
+def test_key_outside_the_study_and_the_out_folder_is_accepted(study_dir):
+    (study_dir / "dicom").mkdir()
+    doc = {**INGEST, "ingest": {**INGEST["ingest"], "rules": {"allow_fat_suppressed": True}}}
+    study = load_study(_write(study_dir, doc))
+    assert study.ingest.out == (study_dir / "out" / "ingested").resolve()  # default
+    assert study.ingest.key == (study_dir.parent / "private" / "key.csv").resolve()
+    assert study.ingest.ingest_rules().allow_fat_suppressed is True
+    assert study.ingest.ingest_rules().gap_factor == 1.5
+
+
+def test_ingest_cohort_is_what_the_ingest_wrote(study_dir):
+    """Before the first ingest the study has no subject; afterwards the written images, runs
+    as subjects of their own, and the given masks are matched to the pseudonyms."""
+    (study_dir / "dicom").mkdir()
+    doc = {**INGEST, "masks": "masks/{subject}_dseg.nii.gz"}
+    path = _write(study_dir, doc)
+    before = load_study(path)
+    assert before.subjects == ()
+    assert before.images_spec == "DICOM ingest (ingested/)"
+
+    out = study_dir / "out" / "ingested"
+    for name in ("sub-01_T2w.nii.gz", "sub-02_T2w.nii.gz", "sub-02_run-2_T2w.nii.gz"):
+        _nifti(out / name)
+    _nifti(out / "sub-09_T2w.nii.gz")  # left over from an earlier ingest: not in ingest.csv
+    rows = [
+        ("sub-01", "sub-01_T2w.nii.gz", "written"),
+        ("sub-02", "sub-02_T2w.nii.gz", "written"),
+        ("sub-02", "", "refused"),
+        ("sub-02", "sub-02_run-2_T2w.nii.gz", "written"),
+        ("sub-03", "", "skipped"),
+    ]
+    pd.DataFrame(rows, columns=["subject", "image", "status"]).to_csv(
+        out / "ingest.csv", index=False
+    )
+    after = load_study(path)
+    assert after.subject_ids == ["sub-01", "sub-02", "sub-02_run-2"]
+    assert after.subject("sub-02_run-2").image == (out / "sub-02_run-2_T2w.nii.gz").resolve()
+    assert after.subject("sub-01").mask == (study_dir / "masks" / "sub-01_dseg.nii.gz").resolve()
+
+    # a listed image gone: not taken as ingested (the ingest runs again first)
+    (out / "sub-01_T2w.nii.gz").unlink()
+    assert load_study(path).subjects == ()

@@ -4,8 +4,10 @@ series, pseudonyms, and a byte-level scan of every output for the fake identity.
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from dicom_factory import IDENTITY, LPS, OTHER_IDENTITY, Series, ds_number, write_series
 from pydicom.uid import ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -555,3 +558,281 @@ def test_identity_scan_finds_a_planted_name(tmp_path):
     found = all_output_bytes(tmp_path)
     assert b"DOE^JANE" not in found[tmp_path / "x.nii.gz"]  # compressed: invisible raw
     assert b"doe^jane" in found[tmp_path / "x.nii.gz|decompressed"].lower()
+
+
+# --------------------------------------------------------------- ingesting again (ingest_once)
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_ingest_once_reuses_only_an_unchanged_complete_ingest(tmp_path, secret, monkeypatch):
+    src, out, key = tmp_path / "dicom", tmp_path / "study" / "nifti", tmp_path / "private" / "k.csv"
+    write_series(src / "a", Series(ramp((6, 5, 3)), axial_affine()))
+    first = dicom.ingest_once(src, out, key_path=key)
+    assert not first.reused
+    assert len(first.images) == 1
+    before = _mtimes(out)
+
+    again = dicom.ingest_once(src, out, key_path=key)
+    assert again.reused
+    assert [p.name for p in again.images] == [p.name for p in first.images]
+    assert again.table.equals(pd.read_csv(out / "ingest.csv", dtype=str, keep_default_na=False))
+    assert _mtimes(out) == before  # nothing rewritten
+
+    # other rules: ingested again
+    assert not dicom.ingest_once(src, out, key_path=key, rules=IngestRules(gap_factor=2)).reused
+    assert dicom.ingest_once(src, out, key_path=key, rules=IngestRules(gap_factor=2)).reused
+    # a new series in the export: ingested again, and it is found
+    write_series(src / "b", Series(ramp((6, 5, 3)), axial_affine(), identity=dict(OTHER_IDENTITY)))
+    grown = dicom.ingest_once(src, out, key_path=key, rules=IngestRules(gap_factor=2))
+    assert not grown.reused
+    assert len(grown.images) == 2
+    rules = IngestRules(gap_factor=2)
+    # an image torn after the ingest (its marker no longer matches): ingested again
+    image = grown.images[0]
+    image.write_bytes(image.read_bytes()[:50])
+    redo = dicom.ingest_once(src, out, key_path=key, rules=rules)
+    assert not redo.reused
+    assert load_image(image).data.shape == (6, 5, 3)
+    # an ingest killed before its last marker: not taken as done
+    (out / ("ingest.csv" + ".done.json")).unlink()
+    assert not dicom.ingest_once(src, out, key_path=key, rules=rules).reused
+    # the key deleted: ingested again, so that the key maps every pseudonym again
+    key.unlink()
+    assert not dicom.ingest_once(src, out, key_path=key, rules=rules).reused
+    assert len(pd.read_csv(key)) == 2
+    # another secret: other pseudonyms, ingested again
+    monkeypatch.setenv(dicom.SECRET_ENV, "another-secret")
+    other = dicom.ingest_once(src, out, key_path=key, rules=rules)
+    assert not other.reused
+    assert {p.name for p in other.images}.isdisjoint({p.name for p in grown.images})
+
+
+def test_fingerprint_sees_added_grown_and_renamed_files(tmp_path):
+    folder = tmp_path / "export"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "IM1").write_bytes(b"abc")
+    digest, n = dicom.dicom_fingerprint(folder)
+    assert n == 1
+    assert dicom.dicom_fingerprint(folder) == (digest, 1)  # stable
+    (folder / "a" / "IM1").write_bytes(b"abcd")
+    grown = dicom.dicom_fingerprint(folder)[0]
+    assert grown != digest
+    (folder / "a" / "IM1").rename(folder / "a" / "IM2")
+    assert dicom.dicom_fingerprint(folder)[0] not in (digest, grown)
+    (folder / "b").mkdir()
+    (folder / "b" / "IM1").write_bytes(b"")
+    assert dicom.dicom_fingerprint(folder)[1] == 2
+
+
+def _ingest_study(root: Path, rules: dict | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(
+        Path(__file__).parents[1] / "data" / "example" / "labels.json", root / "labels.json"
+    )
+    (root / "model.zip").write_bytes(b"stand-in")
+    doc = {
+        "study": "dicomstudy",
+        "labels": "labels.json",
+        "model": "model.zip",
+        "output": "out",
+        "ingest": {"dicom": "../export", "key": "../private/key.csv", "rules": rules or {}},
+    }
+    path = root / "study.yml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_cli_ingest_from_the_study_file(tmp_path, secret, capsys, caplog):
+    write_series(tmp_path / "export" / "a", Series(ramp((6, 5, 3)), axial_affine()))
+    write_series(
+        tmp_path / "export" / "b",
+        Series(ramp((6, 5, 3)), axial_affine(), description="T2 STIR", series_number=5),
+    )
+    study = _ingest_study(tmp_path / "study")
+    with caplog.at_level(logging.INFO):
+        assert main(["ingest", "--study", str(study)]) == 1  # the STIR series is refused
+    out = tmp_path / "study" / "out" / "ingested"
+    assert sorted(ingest_table(out)["status"]) == ["refused", "written"]
+    assert "1 written, 1 refused" in caplog.text
+    assert (tmp_path / "private" / "key.csv").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["ingest", "--study", str(study)]) == 1  # same outcome, nothing redone
+    assert "reused" in caplog.text
+
+    # the rules come from the study file
+    allowed = _ingest_study(tmp_path / "study", {"allow_fat_suppressed": True})
+    assert main(["ingest", "--study", str(allowed)]) == 0
+    assert sorted(ingest_table(out)["status"]) == ["written", "written"]
+
+    capsys.readouterr()
+    assert main(["ingest", "--study", str(study), "--out", str(tmp_path / "x")]) == 2
+    assert "esma ingest: error: --study takes" in capsys.readouterr().err
+    assert main(["ingest"]) == 2
+    assert "give DICOM_DIR and --out DIR, or --study" in capsys.readouterr().err
+    (tmp_path / "plain.yml").write_text("study: p\nimages: x/*.nii.gz\nlabels: l.json\n")
+    assert main(["ingest", "--study", str(tmp_path / "plain.yml")]) == 2
+
+
+def test_study_without_a_usable_series_stops_before_any_run(tmp_path, secret, capsys, monkeypatch):
+    """Nothing written by the ingest: esma run stops with exit code 2 and no run folder; a
+    notebook opened on a study not ingested yet says what to run."""
+    from helpers import pipeline
+
+    root = logging.getLogger()  # open_study adds a notebook log handler: keep it in this test
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    sagittal = LPS @ np.diag([0.8, 0.8, 4, 1.0])[[1, 2, 0, 3]]
+    write_series(tmp_path / "export" / "sag", Series(ramp((8, 6, 4)), sagittal))
+    study = _ingest_study(tmp_path / "study")
+    with pytest.raises(ConfigError, match="has not been ingested yet"):
+        pipeline.open_study(study)
+    assert main(["run", "--quiet", str(study)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the ingest's log lines
+    assert err.startswith("esma run: error: ")
+    assert err.endswith(
+        "ingest.csv: no image to analyse: 1 DICOM series of 1 subject: 0 written, 0 refused, "
+        "1 skipped (see its issues column)"
+    )
+    out = tmp_path / "study" / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["ingested"]  # no run folder
+
+
+# ------------------------------------------------------- end to end: esma run from DICOM
+THIRD_IDENTITY = {
+    "PatientName": "POE^EDGARINE",
+    "PatientID": "PID-246810",
+    "PatientBirthDate": "19390119",
+    "AccessionNumber": "ACC135791",
+    "InstitutionName": "Fake County Clinic",
+    "ReferringPhysicianName": "HOUSE^GREGORY",
+    "StudyDate": "20210305",
+}
+
+
+@pytest.mark.e2e
+def test_run_study_from_dicom_end_to_end_leaks_no_identity(tmp_path, monkeypatch, caplog, capsys):
+    """``esma run`` of a study whose images come from ``ingest:``: the export has three
+    patients (in folders named after them), one with a good, a fat-suppressed and a sagittal
+    series, one with a good series, one with a sagittal series only.  The run ingests, measures
+    the two good scans, lists the refused series and the patient without an image in
+    failures.csv and index.html, and a second run reuses the ingest.  No identity in any byte
+    the toolkit wrote (runs, work folder, ingested NIfTI decompressed), nor in its log."""
+    from helpers import pipeline, synthetic
+
+    monkeypatch.setenv(dicom.SECRET_ENV, "e2e-secret")
+    phantoms = synthetic.make_cohort(
+        2, tmp_path / "phantoms", seed=3, template="small", orientations=("LPS",)
+    )
+    export, study_dir = tmp_path / "export", tmp_path / "study"
+    identities = [IDENTITY, OTHER_IDENTITY]
+    study_uids = [generate_uid() for _ in range(3)]
+    subjects = []
+    for i, row in enumerate(phantoms.itertuples(index=False)):
+        img = nib.load(row.image)
+        data = np.asarray(img.dataobj, dtype=np.float64)
+        folder = export / f"{identities[i]['PatientName'].replace('^', '_')}_{i}"
+        write_series(
+            folder / "t2",
+            Series(data, img.affine, identity=dict(identities[i]), study_uid=study_uids[i]),
+        )
+        subject = dicom.pseudonym(identities[i]["PatientID"], b"e2e-secret")
+        subjects.append(subject)
+        mask = nib.load(row.mask)
+        (study_dir / "masks").mkdir(parents=True, exist_ok=True)
+        nib.save(
+            nib.Nifti1Image(np.asarray(mask.dataobj), img.affine),
+            study_dir / "masks" / f"{subject}_dseg.nii.gz",
+        )
+        (study_dir / "levels").mkdir(exist_ok=True)
+        shutil.copyfile(row.levels, study_dir / "levels" / f"{subject}.csv")
+    sagittal = LPS @ np.diag([0.8, 0.8, 4, 1.0])[[1, 2, 0, 3]]
+    write_series(
+        export / "DOE_JANE_0" / "fs",
+        Series(
+            ramp((8, 6, 4)),
+            axial_affine(),
+            description="T2 TSE FS TRA",
+            study_uid=study_uids[0],
+            series_number=4,
+        ),
+    )
+    write_series(
+        export / "DOE_JANE_0" / "sag",
+        Series(
+            ramp((8, 6, 4)),
+            sagittal,
+            description="T2 SAG",
+            study_uid=study_uids[0],
+            series_number=2,
+        ),
+    )
+    write_series(
+        export / "POE_EDGARINE_2",
+        Series(ramp((8, 6, 4)), sagittal, identity=dict(THIRD_IDENTITY), study_uid=study_uids[2]),
+    )
+    lost = dicom.pseudonym(THIRD_IDENTITY["PatientID"], b"e2e-secret")
+    shutil.copyfile(phantoms["labels"].iloc[0], study_dir / "labels.json")
+    doc = {
+        "study": "fromdicom",
+        "labels": "labels.json",
+        "masks": "masks/{subject}_dseg.nii.gz",
+        "levels": "levels/{subject}.csv",
+        "metrics": {"bias_correction": True},
+        "executor": {"kind": "sequential"},
+        "output": "out",
+        "ingest": {"dicom": "../export", "key": "../private/key.csv"},
+    }
+    study = study_dir / "study.yml"
+    study.write_text(yaml.safe_dump(doc))
+
+    with caplog.at_level(logging.INFO):
+        first = pipeline.run_study(study, notebooks=["01_segment", "03_metrics"], progress=False)
+        ingested = study_dir / "out" / "ingested"
+        images_before = _mtimes(ingested)
+        second = pipeline.run_study(study, notebooks=["01_segment"], progress=False)
+    assert first.exit_code == 1  # finished, with failures
+    run = first.run_dir
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert sorted(metrics["subject"].unique()) == sorted(subjects)
+    failures = pd.read_csv(run / "failures.csv", dtype=str, keep_default_na=False)
+    assert list(failures["stage"]) == ["ingest", "ingest"]
+    by_subject = dict(zip(failures["subject"], failures["error"], strict=True))
+    assert set(by_subject) == {subjects[0], lost}
+    assert (
+        "refused (another series of this subject was used): fat_suppressed"
+        in by_subject[subjects[0]]
+    )
+    assert by_subject[lost].startswith("no axial T2 series (series 1: non_axial")
+    excluded = pd.read_csv(run / "excluded.csv", dtype=str, keep_default_na=False)
+    assert list(excluded["subject"]) == [lost]  # the refused series' subject is analysed
+    index = (run / "index.html").read_text(encoding="utf-8")
+    assert "DICOM ingest" in index
+    assert "5 DICOM series of 3 subjects: 2 written, 1 refused, 2 skipped" in index
+    assert lost in index
+    stages = json.loads((run / "stages" / "ingest.json").read_text())
+    assert (stages["n_computed"], stages["n_failed"]) == (2, 1)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["n_subjects"] == 2
+    assert "DICOM ingest table" in {c["role"] for c in manifest["checksums"]}
+
+    # the second run reuses the ingest: nothing in the ingest folder rewritten
+    assert json.loads((second.run_dir / "stages" / "ingest.json").read_text())["n_reused"] == 2
+    assert _mtimes(ingested) == images_before
+    assert second.exit_code == 1  # the same failures, reported again
+
+    # identity: every byte esma wrote (and its log) is clean; the key maps back
+    outputs = all_output_bytes(study_dir / "out")
+    assert sum(p.suffix == ".html" for p in outputs) >= 3
+    assert sum(p.name.endswith(".ipynb") for p in outputs) >= 3
+    assert sum(p.name.endswith("_T2w.nii.gz|decompressed") for p in outputs) == 2
+    captured = capsys.readouterr()
+    outputs[Path("<log>")] = caplog.text.encode()
+    outputs[Path("<console>")] = (captured.out + captured.err).encode()
+    needles = identity_strings() + study_uids + list(THIRD_IDENTITY.values()) + ["EDGARINE"]
+    for path, content in outputs.items():
+        lowered = content.lower()
+        for needle in needles:
+            assert needle.lower().encode() not in lowered, f"{needle!r} leaked into {path}"
+    key = pd.read_csv(tmp_path / "private" / "key.csv", dtype=str)
+    assert set(key["patient_id"]) == {IDENTITY["PatientID"], OTHER_IDENTITY["PatientID"]}
