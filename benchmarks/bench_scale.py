@@ -1,8 +1,11 @@
 """Scale benchmark: metrics throughput and peak memory vs the read-only floor, by cohort size.
 
-Measured in one run, on one synthetic cohort (``helpers.synthetic.make_cohort``, small
-template: 96 x 96 x 8 voxels at 2.5 x 2.5 x 11 mm; smaller cohorts are the first n subjects of
-the largest one):
+Measured in one run, on one synthetic cohort (``helpers.synthetic.make_cohort``; smaller
+cohorts are the first n subjects of the largest one).  By default the subjects are the size of
+a real lumbar T2 (``--template example``: the example scan's grid, 256 x 208 x 20 voxels at
+0.94 x 0.94 x 4.4 mm, about 1.5 MB per subject on disk, so 1000 subjects take about 1.5 GB);
+``--template small`` (96 x 96 x 8 voxels at 2.5 x 2.5 x 11 mm, 0.12 MB) is the quick path, and
+``--shape`` overrides the grid (the field of view stays, so the spacing changes):
 
 * read-only floor: nibabel reads image (``get_fdata``) + mask (``np.asarray(dataobj)``);
 * the metrics stage (``helpers.metrics.measure_files``), default settings and without bias
@@ -17,6 +20,7 @@ Writes ``benchmarks/results/scale.json`` and prints a markdown table.  See bench
 Usage::
 
     nice -n 10 .venv/bin/python benchmarks/bench_scale.py [--sizes 50,200,1000] [--quick]
+        [--template example|small] [--shape 256x208x20] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -174,17 +178,26 @@ def same_values(a: dict[str, TaskOutcome], b: dict[str, TaskOutcome]) -> bool:
 # ------------------------------------------------------------------------------------------
 # cohort
 # ------------------------------------------------------------------------------------------
-def make_chunk(spec: tuple[int, list[str], str]) -> pd.DataFrame:
+def make_chunk(spec: tuple[int, list[str], str, str, tuple[int, int, int] | None]) -> pd.DataFrame:
     """One chunk of the cohort (its own cohort seed, so chunks draw different subjects)."""
     from helpers.synthetic import make_cohort
 
-    chunk_seed, subjects, out_dir = spec
+    chunk_seed, subjects, out_dir, template, shape = spec
     plan = pd.DataFrame({"subject": subjects})
-    return make_cohort(len(subjects), out_dir, seed=chunk_seed, template="small", plan=plan)
+    extra = {"shape": shape} if shape is not None else {}
+    return make_cohort(
+        len(subjects), out_dir, seed=chunk_seed, template=template, plan=plan, **extra
+    )
 
 
-def build_cohort(n: int, out_dir: Path, workers: int) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The synthetic cohort (n subjects, small template) and facts about it.
+def build_cohort(
+    n: int,
+    out_dir: Path,
+    workers: int,
+    template: str = "example",
+    shape: tuple[int, int, int] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The synthetic cohort (n subjects on ``template``'s grid, or ``shape``) and facts about it.
 
     Generated in chunks of 50 subjects on ``workers`` processes (through the executor).
     """
@@ -192,7 +205,7 @@ def build_cohort(n: int, out_dir: Path, workers: int) -> tuple[pd.DataFrame, dic
     width = max(3, len(str(n)))
     names = [f"syn-{i + 1:0{width}d}" for i in range(n)]
     chunks = {
-        f"chunk-{k:03d}": (k, names[i : i + 50], str(out_dir / f"chunk-{k:03d}"))
+        f"chunk-{k:03d}": (k, names[i : i + 50], str(out_dir / f"chunk-{k:03d}"), template, shape)
         for k, i in enumerate(range(0, n, 50))
     }
     config = (
@@ -208,14 +221,18 @@ def build_cohort(n: int, out_dir: Path, workers: int) -> tuple[pd.DataFrame, dic
     first = manifest.iloc[0]
     img = nib.load(first["image"])
     sizes = [Path(p).stat().st_size for p in (*manifest["image"], *manifest["mask"])]
+    disk = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     facts = {
         "n_generated": n,
         "generate_s": round(seconds, 1),
-        "template": "small",
+        "template": template,
+        "shape_override": list(shape) if shape is not None else None,
         "shape": list(img.shape),
         "zooms_mm": [round(float(z), 3) for z in img.header.get_zooms()[:3]],
         "image_dtype": str(img.get_data_dtype()),
         "mean_file_kb": round(statistics.fmean(sizes) / 1024, 1),
+        "disk_mb": round(disk / 2**20, 1),
+        "disk_mb_per_subject": round(disk / 2**20 / n, 3),
     }
     return manifest, facts
 
@@ -454,7 +471,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="sizes 20,50, no dask, no pipeline (a smoke test of the benchmark)",
+        help="sizes 20,50, small template, no dask, no pipeline (a smoke test of the benchmark)",
+    )
+    p.add_argument(
+        "--template",
+        choices=("example", "small"),
+        help="subject grid: 'example' (default; the real example's 256x208x20 at 0.94x0.94x4.4 "
+        "mm) or 'small' (96x96x8 at 2.5x2.5x11 mm; the default with --quick)",
+    )
+    p.add_argument(
+        "--shape",
+        help="override the grid, e.g. 256x208x20 (L-P-S voxels; the field of view stays, so "
+        "the spacing changes)",
     )
     p.add_argument("--workers", type=int, default=2, help="parallel workers (default 2)")
     p.add_argument("--no-dask", action="store_true", help="skip the dask LocalCluster runs")
@@ -470,6 +498,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.sizes = "20,50" if args.sizes == "50,200,1000" else args.sizes
         args.no_dask = True
         args.no_pipeline = True
+    if args.template is None:
+        args.template = "small" if args.quick else "example"
+    if args.shape is not None:
+        try:
+            shape = tuple(int(v) for v in args.shape.lower().replace(",", "x").split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 2:
+            p.error(f"--shape: give three voxel counts like 256x208x20, got {args.shape!r}")
+        args.shape = shape
     args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     if not args.sizes or min(args.sizes) < 1:
         p.error("--sizes: give positive cohort sizes, e.g. 50,200,1000")
@@ -487,9 +525,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: {busy_warning(load_at_start)}", flush=True)
     t0 = time.perf_counter()
     try:
-        print(f"building a cohort of {max(args.sizes)} subjects in {work} ...", flush=True)
+        print(
+            f"building a cohort of {max(args.sizes)} subjects ({args.template} template"
+            f"{', shape ' + 'x'.join(map(str, args.shape)) if args.shape else ''}) in {work} ...",
+            flush=True,
+        )
         cohort_dir = work / "cohort"
-        manifest, cohort = build_cohort(max(args.sizes), cohort_dir, args.workers)
+        manifest, cohort = build_cohort(
+            max(args.sizes), cohort_dir, args.workers, args.template, args.shape
+        )
         labels = labels_path_of(manifest, cohort_dir)
         settings = {
             "metrics_default": metrics_settings(bias_correction=True),
@@ -571,9 +615,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print()
         print(
-            f"Cohort: {cohort['shape']} voxels at {cohort['zooms_mm']} mm "
-            f"({cohort['mean_file_kb']} kB per file); {os.cpu_count()} CPUs, "
-            f"load {result['machine']['load_avg_1m']}"
+            f"Cohort ({cohort['template']} template): {cohort['shape']} voxels at "
+            f"{cohort['zooms_mm']} mm ({cohort['mean_file_kb']} kB per file, "
+            f"{cohort['disk_mb']} MB in all, generated in {cohort['generate_s']} s); "
+            f"{os.cpu_count()} CPUs, load {result['machine']['load_avg_1m']}"
         )
         print()
         print(markdown_table(rows))

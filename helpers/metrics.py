@@ -492,6 +492,23 @@ def _unique_values(data: NDArray) -> NDArray:
     return np.unique(arr)
 
 
+def _labelled(mask: NDArray) -> tuple[NDArray[np.intp], NDArray]:
+    """Flat C-order indices of the non-zero voxels of a label mask, and their values."""
+    flat = np.ravel(mask)
+    idx = np.flatnonzero(flat)
+    return idx, flat[idx]
+
+
+def _present_values(mask: NDArray, labelled: tuple[NDArray, NDArray]) -> NDArray:
+    """``_unique_values(mask)`` from :func:`_labelled` (the distinct non-zero values, and 0 when
+    any voxel is 0)."""
+    idx, values = labelled
+    found = _unique_values(values)
+    if idx.size < np.size(mask):
+        found = np.unique(np.concatenate([found, np.zeros(1, dtype=found.dtype)]))
+    return found
+
+
 def _isin(arr: NDArray, values: list[int]) -> NDArray[np.bool_]:
     """``np.isin(arr, values)``; by table look-up for a non-negative integer array."""
     if arr.dtype.kind in "iu" and values and arr.size:
@@ -579,10 +596,11 @@ def _measure(
     n_bad = int(np.count_nonzero(~np.isfinite(image.data)))
     if n_bad:
         raise InputFileError(image.path or Path("<image>"), f"{n_bad} voxels are NaN or infinite")
-    values_present = _unique_values(mask.data)
-    labels.check_values(values_present, mask.path)
+    # C order once: every boolean selection, ravel and labelling below works in C order.
+    mask_arr = fat.c_order(mask.data)
+    labelled = _labelled(mask_arr)
+    labels.check_values(_present_values(mask_arr, labelled), mask.path)
     where_image = image.path or Path("<image>")
-    mask_arr = np.asarray(mask.data)
     affine = image.affine
 
     # Vertebra labels give levels and are not measured.
@@ -600,12 +618,18 @@ def _measure(
     table = LabelTable(muscle_labels, labels.path)
     if not table.is_sided():
         mask_arr, table = _split_unsided(mask_arr, affine, table)
+        mask_arr = np.ascontiguousarray(mask_arr)
+    if mask_arr is not vertebra_arr:
+        labelled = _labelled(mask_arr)
 
     ax = slice_axis(affine)
     area = voxel_area_mm2(affine, ax)
-    img = np.asarray(image.data, dtype=np.float32)
+    img = fat.c_order(image.data, np.float32)
     muscle = mask_arr > 0
-    if not muscle.any():
+    # Flat (C-order) indices of the muscle voxels: gathering through them gives the values in
+    # the order boolean indexing with ``muscle`` gives, without a pass over the volume.
+    muscle_idx = labelled[0][labelled[1] > 0]
+    if not muscle_idx.size:
         msg = "mask holds none of the muscles its label file declares: nothing to measure"
         raise InputFileError(mask.path or Path("<mask>"), msg)
     n_z = img.shape[ax]
@@ -643,21 +667,22 @@ def _measure(
         reference["bias_correction"] = {"applied": False}
     # Noise of the magnitude image (raw units), then per voxel in the working units.
     raw_sd, sd_source = fat.estimate_noise_sd(
-        img, body, muscle=muscle, affine=affine, muscle_values=img[muscle]
+        img, body, muscle=muscle, affine=affine, muscle_values=img.ravel()[muscle_idx]
     )
     reference["noise"] = {"sd": raw_sd, "source": sd_source}
 
     # ---- fat reference: once per subject (or per level), both sides pooled
     pool_values = [lab.value for lab in table.labels if settings.pool_psoas or not _is_psoas(lab.muscle)]
-    pool = _isin(mask_arr, pool_values)
-    if not pool.any():  # only psoas in the mask: pool it after all
-        pool = muscle
+    pool_idx = labelled[0][_isin(labelled[1], pool_values)]
+    if not pool_idx.size:  # only psoas in the mask: pool it after all
+        pool_idx = muscle_idx
     groups: list[tuple[str, NDArray[np.bool_]]] = [("subject", np.ones(n_z, dtype=bool))]
     if settings.reference_scope == "level":
         names = sorted({lev for lev in slice_level if lev is not None}, key=_level_key)
         groups += [(n, np.array([lev == n for lev in slice_level])) for n in names]
     fraction_map = np.full(img.shape, np.nan, dtype=np.float32)
     unclipped_map = np.full(img.shape, np.nan, dtype=np.float32)
+    work_flat: NDArray | None = None
     fits = []
     collapsed_any = False
     covered = np.zeros(n_z, dtype=bool)
@@ -665,16 +690,23 @@ def _measure(
         if name == "subject":
             sel_slices = ~covered
         if sel_slices.all():  # the whole stack: no copies
-            g_muscle, g_pool, g_body, g_band = muscle, pool, body, band
+            g_muscle, g_body, g_band = muscle, body, band
+            g_muscle_idx, g_pool_idx = muscle_idx, pool_idx
         else:
             sel = _slice_selector(img.shape, ax, sel_slices)
-            g_muscle, g_pool, g_body, g_band = muscle & sel, pool & sel, body & sel, band & sel
-        if not g_muscle.any():
+            g_muscle, g_body, g_band = muscle & sel, body & sel, band & sel
+            flat_sel = sel.ravel()
+            g_muscle_idx = muscle_idx[flat_sel[muscle_idx]]
+            g_pool_idx = pool_idx[flat_sel[pool_idx]]
+        if not g_muscle_idx.size:
             continue
-        if not g_pool.any():
-            g_pool = g_muscle
-        noise_pool = raw_sd / bias[g_pool] if bias is not None else np.full(1, raw_sd)
-        pool_values_g = work[g_pool]
+        if not g_pool_idx.size:
+            g_pool_idx = g_muscle_idx
+        # Flat C-order views (gathers through the index arrays = boolean selections).
+        work_flat = np.ravel(work) if work_flat is None else work_flat
+        bias_flat = np.ravel(bias) if bias is not None else None
+        noise_pool = raw_sd / bias_flat[g_pool_idx] if bias_flat is not None else np.full(1, raw_sd)
+        pool_values_g = work_flat[g_pool_idx]
         tissues = fat.tissue_intensities(
             work, g_muscle, affine, body=g_body, band=g_band,
             muscle_values=pool_values_g, noise_sd=float(np.median(noise_pool)),
@@ -683,13 +715,13 @@ def _measure(
         ref = fat.fit_reference(pool_values_g, tissues, settings.fat_method, scope=name)
         collapsed_any |= ref.collapsed
         fits.append({**ref.to_dict(), "tissues": tissues.to_dict()})
-        vals = work[g_muscle]
-        noise = raw_sd / bias[g_muscle] if bias is not None else raw_sd
+        vals = work_flat[g_muscle_idx]
+        noise = raw_sd / bias_flat[g_muscle_idx] if bias_flat is not None else raw_sd
         unclipped = ref.fraction(vals, clip=False, noise_sd=noise)
-        unclipped_map[g_muscle] = unclipped
+        unclipped_map.ravel()[g_muscle_idx] = unclipped
         # = ref.fraction(vals, clip=True, ...): rounding to float32 is monotonic and keeps 0 and
         # 1, so clipping after it gives the same values (and skips a second evaluation).
-        fraction_map[g_muscle] = np.clip(unclipped, 0.0, 1.0)
+        fraction_map.ravel()[g_muscle_idx] = np.clip(unclipped, 0.0, 1.0)
         covered |= sel_slices
     reference["fits"] = list(reversed(fits))
     reference["pooled_muscles"] = sorted(
@@ -704,7 +736,8 @@ def _measure(
 
     # ---- per slice and label sums
     metrics, asym = _tabulate(
-        mask_arr, unclipped_map, table, ax, area, slice_level, subject, settings, collapsed_any
+        mask_arr, unclipped_map, table, ax, area, slice_level, subject, settings, collapsed_any,
+        labelled=labelled,
     )
     reference["seconds"] = round(time.perf_counter() - t_start, 3)
     return MeasureResult(metrics, asym, reference, fraction_map)
@@ -745,12 +778,14 @@ def _tabulate(
     subject: str,
     settings: MetricsSettings,
     collapsed: bool,
+    labelled: tuple[NDArray, NDArray] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-slice and aggregate rows of every label, and the asymmetry table.
 
     One pass over the labelled voxels gives per-label, per-slice voxel counts and fat sums
     (``np.bincount`` over ``label * n_slices + slice`` codes); every row is then computed from
     those small arrays, column-wise, and each table is built once from its columns.
+    ``labelled``: :func:`_labelled` of ``mask_arr`` when already known.
     """
     shape = np.shape(mask_arr)
     nz = shape[ax]
@@ -763,9 +798,8 @@ def _tabulate(
         lut[lab.value] = i
     # Labelled voxels in C order.  Within one (label, slice) bin that is the order of the
     # slice-last view too, so the per-bin sums below do not depend on the slice axis.
-    flat = np.ravel(mask_arr)
-    idx = np.flatnonzero(flat)
-    li = lut[flat[idx]]
+    idx, values = labelled if labelled is not None else _labelled(mask_arr)
+    li = lut[values]
     keep = li >= 0
     idx, li = idx[keep], li[keep]
     coords = np.unravel_index(idx, shape)

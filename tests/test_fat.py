@@ -410,3 +410,111 @@ def test_bias_correction_effect_by_hand():
     eff = fat.bias_correction_effect(img, img / field, field, body, left, ~left)
     assert eff["bias_cv_pct"] == pytest.approx(100 * 0.5 / 1.5)
     assert eff["bias_left_right_ratio"] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------ fast exact paths
+# The measurement replaces a few whole-volume numpy/scipy calls with faster ones that must give
+# the very same numbers (issue 7: the metrics stage against the read-only floor).  Each is
+# compared here with the call it stands for; tests/test_metrics.py compares whole measurements.
+
+
+def _random_masks() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    out = []
+    for level in (-0.3, 0.0, 0.4):
+        x = ndi.gaussian_filter(rng.normal(size=(41, 37, 6)), 1.3) > level * 0.1
+        out += [x, np.asfortranarray(x)]
+    return out
+
+
+def test_labels_equal_scipy_with_the_same_numbering():
+    for mask in _random_masks():
+        expected, n = ndi.label(mask)
+        got, m = fat._label(mask)
+        assert m == n
+        assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("ax", [0, 1, 2])
+def test_inplane_border_connection_equals_labelling_with_an_inplane_cross(ax):
+    for mask in _random_masks():
+        structure = np.zeros((3, 3, 3), dtype=bool)
+        structure[1, 1, 1] = True
+        for a in range(3):
+            if a != ax:
+                for end in (0, 2):
+                    idx = [1, 1, 1]
+                    idx[a] = end
+                    structure[tuple(idx)] = True
+        lab, n = ndi.label(mask, structure=structure)
+        moved = np.moveaxis(lab, ax, -1)
+        touch = np.zeros(n + 1, dtype=bool)
+        touch[np.concatenate([moved[0].ravel(), moved[-1].ravel(), moved[:, 0].ravel(),
+                              moved[:, -1].ravel()])] = True
+        touch[0] = False
+        assert np.array_equal(fat._border_connected_inplane(mask, ax), touch[lab])
+
+
+def test_layout_helpers_keep_values():
+    x = np.asfortranarray(np.random.default_rng(0).normal(size=(7, 5, 4)))
+    c = fat.c_order(x, np.float32)
+    assert c.flags.c_contiguous
+    assert np.array_equal(c, x.astype(np.float32))
+    for ax in range(3):
+        stack = fat._to_stack(x, ax)
+        assert stack.flags.c_contiguous
+        assert np.array_equal(stack, np.moveaxis(x, ax, 0))
+        assert np.array_equal(fat._from_stack(stack, ax), x)
+
+
+@pytest.mark.parametrize("sampling", [(1.0, 1.0), (0.9375, 0.7617), (2.5, 2.5)])
+def test_local_distance_maps_equal_the_whole_slice_transform_where_used(sampling):
+    rng = np.random.default_rng(5)
+    reach = fat._NEAR_REACH_MM
+    for _ in range(6):
+        inside = ndi.gaussian_filter(rng.normal(size=(90, 70)), 4) > -0.05
+        roi = ndi.gaussian_filter(rng.normal(size=inside.shape), 6) > 0.02
+        full = ndi.distance_transform_edt(inside, sampling=sampling)
+        near = (full <= reach) & roi
+        with fat.shared_intermediates():
+            depth = fat._depth_mm(inside, sampling, reach, roi)
+            again = fat._depth_mm(inside, sampling, 2.0, roi & inside)  # reused, same values
+        assert np.array_equal(depth[near], full[near])
+        assert np.all(depth[roi & ~near] > reach)
+        assert again is depth
+        features = ~inside
+        full = ndi.distance_transform_edt(~features, sampling=sampling)
+        near = (full <= reach) & roi
+        dist = fat._distance_to(features, sampling, 5.0, roi)
+        assert np.array_equal(dist[near], full[near])
+        assert np.all(dist[roi & ~near] > reach)
+        everywhere = fat._distance_to(features, sampling, 5.0)
+        assert np.array_equal(everywhere[full <= reach], full[full <= reach])
+
+
+def test_dilation_on_a_box_equals_the_whole_volume():
+    rng = np.random.default_rng(2)
+    mask = ndi.gaussian_filter(rng.normal(size=(40, 30, 9)), 2) > 0.1
+    full = ~ndi.binary_dilation(mask, iterations=5)
+    for region in [(slice(3, 20), slice(0, 30), slice(2, 7)), (slice(0, 40), slice(25, 30),
+                                                                 slice(0, 9))]:
+        assert np.array_equal(fat._away_from(mask, 5, region), full[region])
+
+
+def test_rice_mode_equals_the_search_over_the_whole_grid():
+    from scipy.special import i0e
+
+    def plain(nu: float, sd: float) -> float:  # argmax over all 4001 points, then the parabola
+        x = np.linspace(1e-6, nu + 6 * sd, 4001)
+        y = np.log(x) - (x - nu) ** 2 / (2 * sd**2) + np.log(i0e(x * nu / sd**2))
+        i = int(np.argmax(y))
+        if 0 < i < x.size - 1:
+            y0, y1, y2 = y[i - 1], y[i], y[i + 1]
+            denom = y0 - 2 * y1 + y2
+            if denom < 0:
+                return float(x[i] + (x[1] - x[0]) * 0.5 * (y0 - y2) / denom)
+        return float(x[i])
+
+    rng = np.random.default_rng(11)
+    for nu, sd in [(0.0, 1.0), (50.0, 24.0), (600.0, 20.0), *rng.uniform(0.1, 400, (40, 2))]:
+        assert fat._rice_mode(float(nu), float(sd)) == plain(float(nu), float(sd))

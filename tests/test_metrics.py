@@ -745,3 +745,100 @@ def test_shared_intermediates_do_not_change_numbers(small_phantom):
         a, b = dict(plain.reference), dict(shared.reference)
         a.pop("seconds"), b.pop("seconds")
         assert a == b
+
+
+# ============================================================================ fast paths (issue 7)
+def _plain_posterior(muscle, affine, ax):
+    """Voxels posterior to the muscles' mean world y on their slice, from the whole volume's
+    world y (the straightforward form of ``fat._posterior_of_muscle``)."""
+    from helpers import fat
+
+    y = np.broadcast_to(fat._world_coordinate(muscle.shape, affine, 1), muscle.shape)
+    y_m, mus_m = np.moveaxis(y, ax, -1), np.moveaxis(muscle, ax, -1)
+    out = np.zeros(mus_m.shape, dtype=bool)
+    for k in range(mus_m.shape[-1]):
+        if mus_m[..., k].any():
+            out[..., k] = y_m[..., k] < float(y_m[..., k][mus_m[..., k]].mean())
+    return np.moveaxis(out, -1, ax)
+
+
+def _plain_border_connected(mask, ax):
+    """``ndi.label`` with an in-plane cross, then the labels touching a slice border."""
+    from scipy import ndimage as ndi
+
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1, 1, 1] = True
+    for a in range(3):
+        if a != ax:
+            for end in (0, 2):
+                idx = [1, 1, 1]
+                idx[a] = end
+                structure[tuple(idx)] = True
+    lab, n = ndi.label(mask, structure=structure)
+    moved = np.moveaxis(lab, ax, -1)
+    touch = np.zeros(n + 1, dtype=bool)
+    touch[np.concatenate([moved[0].ravel(), moved[-1].ravel(), moved[:, 0].ravel(),
+                          moved[:, -1].ravel()])] = True
+    touch[0] = False
+    return touch[lab]
+
+
+def _use_straightforward(monkeypatch):
+    """Swap every fast path of the measurement for the plain computation it stands for: numpy's
+    median/percentile on whole arrays, ``ndi.label``, whole-slice distance transforms, the
+    dilation of the whole volume, the world y of the whole volume, no C-order conversion."""
+    from scipy import ndimage as ndi
+
+    from helpers import fat
+
+    def whole_slice(inside, sampling, reach_mm, roi, kind, limit=None):
+        return ndi.distance_transform_edt(inside, sampling=sampling)
+
+    def whole_volume(mask, margin, region=None):
+        out = ~ndi.binary_dilation(mask, iterations=margin)
+        return out if region is None else out[region]
+
+    monkeypatch.setattr(fat, "_label", ndi.label)
+    monkeypatch.setattr(fat, "_border_connected_inplane", _plain_border_connected)
+    monkeypatch.setattr(fat, "_edt_near", whole_slice)
+    monkeypatch.setattr(fat, "_away_from", whole_volume)
+    monkeypatch.setattr(fat, "_posterior_of_muscle_uncached", _plain_posterior)
+    monkeypatch.setattr(fat, "c_order", lambda data, dtype=None: np.asarray(data, dtype=dtype))
+
+
+def _same_result(fast, plain):
+    pd.testing.assert_frame_equal(fast.metrics, plain.metrics, check_exact=True)
+    pd.testing.assert_frame_equal(fast.asymmetry, plain.asymmetry, check_exact=True)
+    assert np.array_equal(fast.fat_fraction, plain.fat_fraction, equal_nan=True)
+    a, b = dict(fast.reference), dict(plain.reference)
+    for ref in (a, b):
+        ref.pop("seconds")
+        ref["bias_correction"] = {k: v for k, v in ref["bias_correction"].items()
+                                  if k != "seconds"}
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_fast_paths_give_the_numbers_of_the_straightforward_computation(
+    small_phantom, example_dir, monkeypatch
+):
+    """The optimised measurement (order statistics by selection, cc3d labels, cropped distance
+    maps, C-order gathers) against the plain one, to the last bit: small and full phantom grids
+    (LPS; RAS rotated), the real example, N4 on and off, per-level fits."""
+    full = make_phantom("syn-full", seed=51, orientation="RAS", rotation_deg=6.0, bias_lr=-0.25,
+                        **PHANTOM_KW)
+    cases = [
+        (small_phantom, NO_N4),
+        (small_phantom, MetricsSettings()),
+        (small_phantom, MetricsSettings(bias_correction=False, fat_method="otsu",
+                                        reference_scope="level", pool_psoas=True)),
+        (full, NO_N4),
+    ]
+    files = (example_dir / "sub-0001_T2w.nii.gz", example_dir / "sub-0001_T2w_dseg.nii.gz",
+             example_dir / "labels.json")
+    fast = [_measure_ph(ph, settings) for ph, settings in cases]
+    fast.append(measure_files(*files, settings=NO_N4))
+    _use_straightforward(monkeypatch)
+    plain = [_measure_ph(ph, settings) for ph, settings in cases]
+    plain.append(measure_files(*files, settings=NO_N4))
+    for f, p in zip(fast, plain, strict=True):
+        _same_result(f, p)
