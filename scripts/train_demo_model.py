@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-val", type=int, default=1, help="validation cases of each kind (nnU-Net)")
     p.add_argument("--n-heldout", type=int, default=3, help="held-out test cases of each kind")
     p.add_argument("--epochs", type=int, default=70)
-    p.add_argument("--iterations", type=int, default=60, help="training iterations per epoch")
+    p.add_argument("--iterations", type=int, default=110, help="training iterations per epoch")
+    p.add_argument("--features", default="8,16,32,64,128",
+                   help="feature maps per U-Net stage, comma-separated")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per training batch")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
@@ -92,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = TrainSettings(
         dataset_id=501, dataset_name="EsmaDemoLumbar", configuration="2d", folds=(0,),
         validation_cases=val,
-        small_network=SmallNetwork(spacing_mm=1.875, features=(16, 32, 64, 128, 256),
-                                   batch_size=8, patch_size=(128, 128)),
+        small_network=SmallNetwork(spacing_mm=1.875,
+                                   features=tuple(int(f) for f in args.features.split(",")),
+                                   batch_size=args.batch_size, patch_size=(128, 128)),
         epochs=args.epochs, iterations_per_epoch=args.iterations, val_iterations_per_epoch=3,
         rotation_deg=30.0,
         device="cpu", num_threads=args.threads, da_workers=1, preprocess_workers=2,
