@@ -196,10 +196,13 @@ def build_cohort(
     workers: int,
     template: str = "example",
     shape: tuple[int, int, int] | None = None,
+    reuse: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The synthetic cohort (n subjects on ``template``'s grid, or ``shape``) and facts about it.
 
-    Generated in chunks of 50 subjects on ``workers`` processes (through the executor).
+    Generated in chunks of 50 subjects on ``workers`` processes (through the executor).  With
+    ``reuse``, a cohort an earlier ``--keep`` / ``--workdir`` run left in ``out_dir`` (every
+    chunk's ``manifest.csv`` present, n subjects in all) is read instead of generated.
     """
     start = time.perf_counter()
     width = max(3, len(str(n)))
@@ -208,15 +211,26 @@ def build_cohort(
         f"chunk-{k:03d}": (k, names[i : i + 50], str(out_dir / f"chunk-{k:03d}"), template, shape)
         for k, i in enumerate(range(0, n, 50))
     }
-    config = (
-        ExecutorConfig(kind="processes", workers=workers) if len(chunks) > 1 else (ExecutorConfig())
-    )
-    outcomes = run_tasks(make_chunk, chunks, config, desc="cohort")
-    bad = [o.error for o in outcomes.values() if not o.ok]
-    if bad:
-        msg = f"cohort generation failed: {bad[0]}"
-        raise RuntimeError(msg)
-    manifest = pd.concat([o.value for o in outcomes.values()], ignore_index=True)
+    existing = [out_dir / name / "manifest.csv" for name in chunks]
+    if reuse and all(p.is_file() for p in existing):
+        manifest = pd.concat([pd.read_csv(p) for p in existing], ignore_index=True)
+        if manifest["subject"].astype(str).tolist() != names:
+            msg = f"--reuse-cohort: {out_dir} holds another cohort; drop the option"
+            raise RuntimeError(msg)
+        generated = False
+    else:
+        config = (
+            ExecutorConfig(kind="processes", workers=workers)
+            if len(chunks) > 1
+            else ExecutorConfig()
+        )
+        outcomes = run_tasks(make_chunk, chunks, config, desc="cohort")
+        bad = [o.error for o in outcomes.values() if not o.ok]
+        if bad:
+            msg = f"cohort generation failed: {bad[0]}"
+            raise RuntimeError(msg)
+        manifest = pd.concat([o.value for o in outcomes.values()], ignore_index=True)
+        generated = True
     seconds = time.perf_counter() - start
     first = manifest.iloc[0]
     img = nib.load(first["image"])
@@ -224,7 +238,8 @@ def build_cohort(
     disk = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     facts = {
         "n_generated": n,
-        "generate_s": round(seconds, 1),
+        "generate_s": round(seconds, 1) if generated else None,
+        "reused": not generated,
         "template": template,
         "shape_override": list(shape) if shape is not None else None,
         "shape": list(img.shape),
@@ -508,6 +523,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--workdir", type=Path, help="where the cohort is written (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument(
+        "--reuse-cohort",
+        action="store_true",
+        help="read the cohort an earlier run left in --workdir instead of generating it",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = p.parse_args(argv)
     if args.quick:
@@ -548,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         cohort_dir = work / "cohort"
         manifest, cohort = build_cohort(
-            max(args.sizes), cohort_dir, args.workers, args.template, args.shape
+            max(args.sizes), cohort_dir, args.workers, args.template, args.shape,
+            reuse=args.reuse_cohort,
         )
         labels = labels_path_of(manifest, cohort_dir)
         settings = {
