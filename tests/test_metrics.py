@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from plain_reference import plain_border_connected
 
 from helpers.errors import ConfigError, GeometryMismatchError, InputFileError, LabelError
 from helpers.labels import Label, LabelTable, parse_labels
@@ -762,30 +763,9 @@ def _plain_posterior(muscle, affine, ax):
     return np.moveaxis(out, -1, ax)
 
 
-def _plain_border_connected(mask, ax):
-    """``ndi.label`` with an in-plane cross, then the labels touching a slice border."""
-    from scipy import ndimage as ndi
-
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1, 1, 1] = True
-    for a in range(3):
-        if a != ax:
-            for end in (0, 2):
-                idx = [1, 1, 1]
-                idx[a] = end
-                structure[tuple(idx)] = True
-    lab, n = ndi.label(mask, structure=structure)
-    moved = np.moveaxis(lab, ax, -1)
-    touch = np.zeros(n + 1, dtype=bool)
-    touch[np.concatenate([moved[0].ravel(), moved[-1].ravel(), moved[:, 0].ravel(),
-                          moved[:, -1].ravel()])] = True
-    touch[0] = False
-    return touch[lab]
-
-
 def _use_straightforward(monkeypatch):
-    """Swap every fast path of the measurement for the plain computation it stands for: numpy's
-    median/percentile on whole arrays, ``ndi.label``, whole-slice distance transforms, the
+    """Swap every fast path of the measurement for the plain computation it stands for:
+    ``ndi.label``, whole-slice distance transforms, the
     dilation of the whole volume, the world y of the whole volume, no C-order conversion."""
     from scipy import ndimage as ndi
 
@@ -799,7 +779,7 @@ def _use_straightforward(monkeypatch):
         return out if region is None else out[region]
 
     monkeypatch.setattr(fat, "_label", ndi.label)
-    monkeypatch.setattr(fat, "_border_connected_inplane", _plain_border_connected)
+    monkeypatch.setattr(fat, "_border_connected_inplane", plain_border_connected)
     monkeypatch.setattr(fat, "_edt_near", whole_slice)
     monkeypatch.setattr(fat, "_away_from", whole_volume)
     monkeypatch.setattr(fat, "_posterior_of_muscle_uncached", _plain_posterior)
