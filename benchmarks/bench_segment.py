@@ -10,7 +10,7 @@ command-line process (start-up, model loading and writing included, as a user ru
 ``esma_default``
     ``esma segment --device cpu`` (same settings as nnU-Net's defaults, one process).
 ``esma_fast``
-    ``esma segment --device cpu --fast`` (one fold, no mirror TTA, step 0.75).
+    ``esma segment --device cpu --fast`` (one fold, no mirror TTA, step 0.75, torch resampling of the class scores).
 
 Each method runs twice: on all ``N`` volumes (default 10) and on the first volume alone, which
 splits its time into a fixed start-up (imports, model loading, worker pools) and a marginal cost

@@ -168,7 +168,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, type=Path, help="model folder or exported .zip")
     p.add_argument("--out", required=True, type=Path, help="output folder for masks")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--fast", action="store_true", help="one fold, no mirror TTA, larger step")
+    p.add_argument("--fast", action="store_true", help="one fold, no mirror TTA, larger step, torch resampling of class scores")
     p.add_argument("--folds", help="comma-separated folds, e.g. 0,1")
     p.add_argument("--overwrite", action="store_true", help="redo subjects already segmented")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
