@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the demo segmentation model from scratch and write data/demo_model/.
 
-One command, CPU only (about 30 minutes on a quiet 2-core machine)::
+One command, CPU only (under 30 minutes on a quiet 2-core machine)::
 
     .venv/bin/python scripts/train_demo_model.py
 
@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-example", type=int, default=40, help="deformed-example training cases")
     p.add_argument("--n-phantom", type=int, default=40, help="phantom training cases")
     p.add_argument("--n-val", type=int, default=1, help="validation cases of each kind (nnU-Net)")
-    p.add_argument("--n-heldout", type=int, default=3, help="held-out test cases of each kind")
+    p.add_argument("--n-heldout", type=int, default=10,
+                   help="held-out test cases of each kind (10 + 10: a mean Dice to about +-0.01)")
     p.add_argument("--epochs", type=int, default=70)
-    p.add_argument("--iterations", type=int, default=110, help="training iterations per epoch")
+    p.add_argument("--iterations", type=int, default=100, help="training iterations per epoch")
     p.add_argument("--features", default="8,16,32,64,128",
                    help="feature maps per U-Net stage, comma-separated")
     p.add_argument("--batch-size", type=int, default=8, help="slices per training batch")
@@ -211,18 +212,19 @@ def _dice_table(d: pd.DataFrame) -> list[str]:
 
 
 def _meets_targets(dice: pd.DataFrame) -> bool:
-    """Held-out >= 0.90 per model label (sides merged), real example >= 0.85 per sided label."""
+    """Held-out mean >= 0.90 per label (model labels and sided output), real >= 0.85 per sided label."""
     model = dice[dice["labels"] == "model (sides merged)"]
     sided = dice[dice["labels"] == "sided (esma output)"]
     held = model[model["set"] != "real example"].groupby("muscle")["dice"].mean()
     real = sided[sided["set"] == "real example"].set_index(["muscle", "side"])["dice"]
     held_sided = sided[sided["set"] != "real example"].groupby(["muscle", "side"])["dice"].mean()
-    ok = bool((held >= DICE_HELDOUT_MIN).all() and (real >= DICE_REAL_MIN).all())
+    ok = bool((held >= DICE_HELDOUT_MIN).all() and (held_sided >= DICE_HELDOUT_MIN).all()
+              and (real >= DICE_REAL_MIN).all())
     log.info("held-out, model labels: %s", held.round(3).to_dict())
     log.info("held-out, sided output: %s", held_sided.round(3).to_dict())
     log.info("real example, sided output: %s", real.round(3).to_dict())
     if not ok:
-        log.warning("Dice targets NOT met (held-out >= %.2f per model label, real >= %.2f "
+        log.warning("Dice targets NOT met (held-out mean >= %.2f per label, real >= %.2f "
                     "per sided label)", DICE_HELDOUT_MIN, DICE_REAL_MIN)
     return ok
 
@@ -295,8 +297,8 @@ everything (cases {record['stage_seconds']['make_cases']:.0f} s, convert + plan 
 {ts.get('convert', 0) + ts.get('plan_preprocess', 0):.0f} s, training with nnU-Net validation
 {ts.get('train', 0):.0f} s, export {ts.get('export', 0):.0f} s, evaluation
 {record['stage_seconds']['evaluate']:.0f} s). Load average at the end:
-{', '.join(f'{x:.1f}' for x in record['load_average_at_end'])} (the machine was shared while it
-trained; times on a quiet machine are shorter). Segmentation with the default settings took
+{', '.join(f'{x:.1f}' for x in record['load_average_at_end'])} (1, 5 and 15 min, this training's
+own two busy cores included; much above 2 means other work shared the machine). Segmentation with the default settings took
 {record['segment_seconds_per_volume_default']:.1f} s per volume during the evaluation.
 
 ## Dice
@@ -304,7 +306,9 @@ trained; times on a quiet machine are shorter). Segmentation with the default se
 Default `esma segment` settings (mirror TTA, step 0.5) on {n_held} held-out synthetic cases
 (never seen in training or validation) and on the real example against its reference mask. The
 training cases were made from that scan, so its column shows that the model reproduces its
-source, not that it generalises to new patients.
+source, not that it generalises to new patients. Per-case Dice varies with a standard deviation
+of 0.01-0.04 per label, so the mean of 20 cases has a standard error of at most about 0.009; that
+of 6 cases (3 of each kind, what earlier versions of this card used) about 0.016.
 
 The model's own labels (one per muscle; prediction and reference with sides merged):
 

@@ -486,18 +486,22 @@ def test_demo_model_end_to_end_cli(example_dir, tmp_path):
     assert load_labels(out / "labels.json").values == labels.values
 
 
-# The shipped demo model does not yet reach the issue's targets on every label (see
-# data/demo_model/MODEL_CARD.md); the test keeps the targets and runs with `-m slow`.
+# The issue's targets, on the model card's own held-out set regenerated from scratch (20 cases,
+# about 1 min on 2 cores): slow suite.
 @pytest.mark.slow
 @needs_demo
 def test_demo_model_meets_its_dice_targets(example_dir, tmp_path):
-    """The shipped model: Dice >= 0.85 per label on the real example, >= 0.90 on a held-out
-    synthetic case (default settings)."""
+    """The shipped model, default settings: mean Dice >= 0.90 per sided label over the 20
+    held-out synthetic cases of its card (remade from their seed), >= 0.85 per label on the real
+    example; and the card's Dice table is what this evaluation gives."""
+    import pandas as pd
+
     from helpers.trainset import make_training_set
 
-    held, _, _ = make_training_set(tmp_path / "held", 0, 1, seed=777, prefix="tst",
-                                   merge_sides=False)
-    images = [example_dir / "sub-0001_T2w.nii.gz", held[0].image]
+    # scripts/train_demo_model.py: seed 1, held-out cases from seed + 1000, 10 of each kind
+    held, _, _ = make_training_set(tmp_path / "held", 10, 10, seed=1001, prefix="tst",
+                                   merge_sides=False, workers=2)
+    images = [example_dir / "sub-0001_T2w.nii.gz"] + [c.image for c in held]
     table = segment_cohort(images, DEMO_MODEL, tmp_path / "out", SegmentSettings(device="cpu"),
                            progress=False)
     assert set(table["status"]) == {"done"}
@@ -505,9 +509,18 @@ def test_demo_model_meets_its_dice_targets(example_dir, tmp_path):
     real = dice_per_label(load_mask(tmp_path / "out" / "sub-0001.nii.gz").data,
                           load_mask(example_dir / "sub-0001_T2w_dseg.nii.gz").data, labels.values)
     assert min(real.values()) >= 0.85, real
-    syn = dice_per_label(load_mask(tmp_path / "out" / "tst-ph000.nii.gz").data,
-                         load_mask(held[0].mask).data, labels.values)
-    assert min(syn.values()) >= 0.90, syn
+    rows = [{"subject": c.case_id, "value": v, "dice": d}
+            for c in held
+            for v, d in dice_per_label(load_mask(tmp_path / "out" / f"{c.case_id}.nii.gz").data,
+                                       load_mask(c.mask).data, labels.values).items()]
+    got = pd.DataFrame(rows)
+    means = got.groupby("value")["dice"].mean()
+    assert (means >= 0.90).all(), means.round(4).to_dict()
+    card = pd.read_csv(DEMO_MODEL.parent / "dice.csv")
+    card = card[(card["labels"] == "sided (esma output)") & (card["set"] != "real example")]
+    merged = got.merge(card, on=["subject", "value"], suffixes=("", "_card"))
+    assert len(merged) == len(got) == 20 * len(labels.values)
+    np.testing.assert_allclose(merged["dice"], merged["dice_card"], atol=5e-3)
 
 
 @pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="demo model not shipped")

@@ -86,6 +86,24 @@ def test_trainer_choice_follows_the_sides():
         find_trainer_class("NoSuchTrainer")
 
 
+def test_plan_network_trainers_build_the_network_as_nnunet_does():
+    """The trainers whose network esma builds without importing them use nnUNetTrainer's own
+    ``build_network_architecture`` (not overridden), and esma trains with no other."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from helpers.segment import PLAN_NETWORK_TRAINERS
+
+    for name in PLAN_NETWORK_TRAINERS:
+        cls = find_trainer_class(name)
+        assert cls.build_network_architecture is nnUNetTrainer.build_network_architecture, name
+    assert {_trainer_name(TrainSettings(), LABELS),
+            _trainer_name(TrainSettings(), UNSIDED)} <= PLAN_NETWORK_TRAINERS
+    # a variant that builds another network is not among them
+    assert (find_trainer_class("nnUNetTrainerBN").build_network_architecture
+            is not nnUNetTrainer.build_network_architecture)
+    assert "nnUNetTrainerBN" not in PLAN_NETWORK_TRAINERS
+
+
 def test_dataset_json_labels_need_consecutive_values():
     assert dataset_json_labels(LABELS) == {"background": 0, "multifidus_right": 1,
                                            "multifidus_left": 2}
