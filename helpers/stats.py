@@ -24,8 +24,10 @@ Partial correlation
 Smallest n
     A test with fewer than ``min_n`` (default 4, the smallest n with a CI) complete subjects
     (plus one per covariate for the partial test), with a constant variable, or (partial test)
-    whose ranks are linearly dependent (e.g. index and score in identical order), keeps its
-    row with its n and NaN statistics, and stays out of the FDR family.
+    with index or score entirely explained by the covariates, keeps its row with its n and NaN
+    statistics, and stays out of the FDR family.  Index and score in identical (reversed) order
+    give rho = 1 (-1) and p = 0, in the partial test too (computed from the residuals, where
+    pingouin's matrix inverse does not exist).
 FDR
     Benjamini-Hochberg (:func:`statsmodels.stats.multitest.multipletests`, ``fdr_bh``) within a
     declared family.  A family is always within one method (plain and partial correlations are
@@ -487,6 +489,30 @@ def spearman(x: ArrayLike, y: ArrayLike, *, min_n: int = MIN_N) -> dict[str, flo
     return {"n": n, "rho": rho, "ci_low": low, "ci_high": high, "p": p}
 
 
+def _partial_from_residuals(ranks: np.ndarray, n: int, k: int) -> dict[str, float]:
+    """Partial rho from its definition, for linearly dependent ranks (see :func:`partial_spearman`).
+
+    The correlation of the residuals of rank(x) and rank(y) after least squares on an intercept
+    and the covariates' ranks (minimum-norm solution: exact with collinear covariates too).  x
+    and y in identical (reversed) order give +1 (-1), p = 0, as plain Spearman does.  Not
+    estimable (NaN) when the covariates explain x or y entirely.
+    """
+    design = np.column_stack([np.ones(n), ranks[:, 2:]])
+    fit = np.linalg.lstsq(design, ranks[:, :2], rcond=None)[0]
+    res = ranks[:, :2] - design @ fit
+    scale = np.sqrt((res**2).sum(axis=0))
+    if (scale <= 1e-9 * np.sqrt((ranks[:, :2] ** 2).sum(axis=0))).any():
+        return _empty_result(n)
+    rho = float(np.clip(res[:, 0] @ res[:, 1] / (scale[0] * scale[1]), -1.0, 1.0))
+    dof = n - 2 - k
+    if abs(rho) > 1.0 - 1e-12:
+        rho, p = math.copysign(1.0, rho), 0.0
+    else:
+        p = float(2.0 * sps.t.sf(abs(rho) * math.sqrt(dof / (1.0 - rho * rho)), dof))
+    low, high = spearman_ci(rho, n, k)
+    return {"n": n, "rho": rho, "ci_low": low, "ci_high": high, "p": p}
+
+
 def partial_spearman(
     x: ArrayLike, y: ArrayLike, covariates: ArrayLike, *, min_n: int = MIN_N
 ) -> dict[str, float]:
@@ -521,9 +547,9 @@ def partial_spearman(
         return _empty_result(n)
     ranks = data.rank().to_numpy()
     if np.linalg.matrix_rank(np.cov(ranks, rowvar=False)) < ranks.shape[1]:
-        # Linearly dependent ranks (e.g. x and y in identical order): the partial correlation
-        # is not estimable, and pingouin's pseudo-inverse would return an arbitrary value.
-        return _empty_result(n)
+        # Linearly dependent ranks (x and y in identical order, or collinear covariates):
+        # pingouin's pseudo-inverse of the correlation matrix would return an arbitrary value.
+        return _partial_from_residuals(ranks, n, k)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -211,12 +211,24 @@ def test_too_few_subjects_or_constant_values_give_nan_rows_outside_fdr():
     assert t["n"].dtype.kind == "i"
 
 
-def test_partial_spearman_with_identically_ordered_ranks_is_nan():
+def test_partial_spearman_with_linearly_dependent_ranks():
+    """Where pingouin's matrix inverse does not exist: identically ordered x and y give +-1
+    (as plain Spearman), a covariate identical to x gives NaN, and collinear covariates give
+    what the same test with one of them gives (pingouin, independent)."""
     x = np.arange(10.0)
-    cov = np.column_stack([np.r_[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], np.r_[2, 7, 1, 8, 2, 8, 1, 8, 2, 8]])
+    c1, c2 = np.r_[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], np.r_[2, 7, 1, 8, 2, 8, 1, 8, 2, 8]
+    cov = np.column_stack([c1, c2])
     res = partial_spearman(x, x**3, cov)
     assert res["n"] == 10
-    assert np.isnan(res["rho"])
+    assert (res["rho"], res["p"], res["ci_low"], res["ci_high"]) == (1.0, 0.0, 1.0, 1.0)
+    assert partial_spearman(x, -x, cov)["rho"] == -1.0
+    assert np.isnan(partial_spearman(x, c2, np.column_stack([x, c1]))["rho"])
+    y = np.r_[1, 0, 3, 2, 5, 4, 9, 6, 8, 7] + 0.5 * c2
+    one = pg.partial_corr(data=pd.DataFrame({"x": x, "y": y, "c": c1}), x="x", y="y",
+                          covar=["c"], method="spearman")
+    twice = partial_spearman(x, y, np.column_stack([c1, 2 * c1 + 1]))
+    assert twice["rho"] == pytest.approx(float(one["r"].iloc[0]), abs=1e-12)
+    assert twice["n"] == 10
 
 
 def test_index_columns_defaults_and_errors():
