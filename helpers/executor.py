@@ -282,6 +282,7 @@ def keep_freed_memory(trim_threshold_mb: int = 256) -> bool:
         changed.
     """
     global _ALLOCATOR_TUNED
+    _ALLOCATOR_TUNED = False
     if not sys.platform.startswith("linux"):
         return False
     try:
