@@ -296,10 +296,15 @@ def keep_freed_memory(trim_threshold_mb: int = 256) -> bool:
     return ok
 
 
-def _prepare_worker(threads: int) -> None:
-    """Once per worker process: native thread limit and :func:`keep_freed_memory`."""
+def _tune_allocator_once() -> None:
+    """:func:`keep_freed_memory`, the first time this process runs a subject."""
     if _ALLOCATOR_TUNED is None:
         keep_freed_memory()
+
+
+def _prepare_worker(threads: int) -> None:
+    """Once per worker process: native thread limit and :func:`keep_freed_memory`."""
+    _tune_allocator_once()
     _limit_native_threads(threads)
 
 
@@ -658,8 +663,8 @@ def run_tasks(
             )
             raise TypeError(msg) from exc
 
-    if config.kind == "sequential" and _ALLOCATOR_TUNED is None:
-        keep_freed_memory()  # the subjects run in this process: same allocator as the workers
+    if config.kind == "sequential":
+        _tune_allocator_once()  # the subjects run in this process: same allocator as the workers
     results: dict[str, TaskOutcome] = {}
     n_failed = 0
     start = time.perf_counter()

@@ -43,6 +43,7 @@ __all__ = [
     "EXAMPLE_DIR",
     "ORIENTATIONS",
     "deformed_example",
+    "make_heldout_set",
     "make_training_set",
     "phantom",
     "unsided",
@@ -331,3 +332,21 @@ def make_training_set(
     table = pd.DataFrame(rows)
     atomic_write_text(out / "cases.csv", table.to_csv(index=False))
     return cases, out_labels, table
+
+
+#: Base seed of a held-out set: the training set's seed plus this (never the same cases).
+HELDOUT_SEED_OFFSET = 1000
+
+
+def make_heldout_set(
+    out_dir: str | Path, n_each: int, training_seed: int = 1, workers: int = 1
+) -> tuple[list[TrainingCase], LabelTable, pd.DataFrame]:
+    """Held-out test cases for a model trained on ``make_training_set(..., seed=training_seed)``.
+
+    ``n_each`` deformed-example and ``n_each`` phantom cases (IDs ``tst-ex<k>`` / ``tst-ph<k>``)
+    with the sided example labels, from base seed ``training_seed + HELDOUT_SEED_OFFSET``: the
+    same cases for the same arguments (the demo model's card and its slow test), and the first
+    cases of a larger set are those of a smaller one.
+    """
+    return make_training_set(out_dir, n_each, n_each, seed=training_seed + HELDOUT_SEED_OFFSET,
+                             prefix="tst", merge_sides=False, workers=workers)

@@ -35,7 +35,7 @@ from helpers.labels import load_labels
 from helpers.nifti import subject_from_filename
 from helpers.segment import SegmentSettings, segment_cohort
 from helpers.training import SmallNetwork, TrainSettings, evaluate_masks, train_model
-from helpers.trainset import make_training_set
+from helpers.trainset import make_heldout_set, make_training_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                                              workers=workers)
     val = tuple([c.case_id for c in cases if "-ex" in c.case_id][: args.n_val]
                 + [c.case_id for c in cases if "-ph" in c.case_id][: args.n_val])
-    held, _, held_table = make_training_set(work / "heldout", args.n_heldout, args.n_heldout,
-                                            seed=args.seed + 1000, prefix="tst", merge_sides=False,
-                                            workers=workers)
+    held, _, held_table = make_heldout_set(work / "heldout", args.n_heldout, training_seed=args.seed,
+                                           workers=workers)
     stages["make_cases"] = time.perf_counter() - t
     log.info("made %d training/validation and %d held-out cases in %.0f s", len(cases), len(held),
              stages["make_cases"])

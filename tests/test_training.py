@@ -37,7 +37,13 @@ from helpers.training import (
     pair_cases,
     write_raw_dataset,
 )
-from helpers.trainset import deformed_example, make_training_set, phantom, unsided
+from helpers.trainset import (
+    deformed_example,
+    make_heldout_set,
+    make_training_set,
+    phantom,
+    unsided,
+)
 
 LABELS = parse_labels({"labels": [
     {"value": 1, "muscle": "multifidus", "side": "right"},
@@ -305,6 +311,15 @@ def test_deformed_example_keeps_world_geometry_and_labels(example_dir):
         ratio = (got == lab).sum() / (ref == lab).sum()
         assert 0.4 < ratio < 2.0
     assert not np.array_equal(got, ref)
+
+
+def test_heldout_set_is_sided_and_never_shares_a_case_with_training(tmp_path):
+    _, _, train_table = make_training_set(tmp_path / "trn", 1, 1, seed=4)
+    held, labels, held_table = make_heldout_set(tmp_path / "tst", 1, training_seed=4)
+    assert [c.case_id for c in held] == ["tst-ex000", "tst-ph000"]
+    assert all(lab.side in ("left", "right") for lab in labels.labels)
+    assert set(held_table["seed"]).isdisjoint(train_table["seed"])
+    assert list(held_table["seed"]) == [1004 * 10000, 1004 * 10000 + 5000]
 
 
 def test_make_training_set_is_reproducible_and_varied(tmp_path):
