@@ -9,10 +9,14 @@ the same run, for comparison:
   real example scan (``data/example``, 256 x 208 x 20 voxels, the realistic size ``bench_scale``
   uses by default) and on a small cohort volume (``helpers.synthetic`` ``template="small"``,
   96 x 96 x 8 voxels, ``bench_scale.py --template small``);
+- where the stage without bias correction spends its time on the real example: the fat
+  reference's steps (``REFERENCE_STEPS`` of ``helpers.fat``, timed inside the stage) against
+  everything else;
 - a naive N4: SimpleITK's filter on the full-resolution image (no shrink).  It is run with one
   fitting level of 10 iterations only (a full schedule would take minutes); its cost per
   iteration is reported and projected to the schedule our shrunk fit uses.
 
+The process tunes its allocator as the cohort executor does (``keep_freed_memory``).
 Wall-clock and process CPU seconds are both recorded (CPU time is what a quiet core would
 show when the machine is shared).  Everything runs on one thread (OMP/OpenBLAS/MKL variables, threadpoolctl, SimpleITK's global
 thread count).  Writes ``benchmarks/results/metrics_speed.json``.
@@ -36,6 +40,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -44,6 +50,7 @@ import SimpleITK as sitk
 from threadpoolctl import threadpool_limits
 
 from helpers import fat
+from helpers.executor import keep_freed_memory
 from helpers.metrics import MetricsSettings, measure, measure_files
 from helpers.nifti import load_image, load_mask
 from helpers.synthetic import make_phantom, write_phantom
@@ -68,12 +75,69 @@ def _times(fn, repeats: int, name: str) -> list[float]:
     return out
 
 
+#: The per-subject fat-reference steps of the metrics stage (``helpers.fat``), timed inside it.
+REFERENCE_STEPS = ("body_mask", "subcutaneous_band", "estimate_noise_sd", "tissue_intensities")
+
+
+@contextmanager
+def timed_steps(names: tuple[str, ...] = REFERENCE_STEPS) -> Iterator[dict[str, float]]:
+    """Wall seconds spent in each ``helpers.fat`` function of ``names`` while the block runs.
+
+    The functions are wrapped by a timer (their results are untouched); a call made from inside
+    another timed call counts once, for the outer one.
+    """
+    spent = dict.fromkeys(names, 0.0)
+    depth = [0]
+    originals = {name: getattr(fat, name) for name in names}
+
+    def wrap(name: str, func: Callable) -> Callable:
+        def timed(*args: object, **kwargs: object) -> object:
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[name] += time.perf_counter() - t0
+
+        return timed
+
+    for name, func in originals.items():
+        setattr(fat, name, wrap(name, func))
+    try:
+        yield spent
+    finally:
+        for name, func in originals.items():
+            setattr(fat, name, func)
+
+
+def reference_share(run: Callable[[], object], repeats: int) -> dict[str, object]:
+    """Median wall seconds of ``run`` (a metrics stage), of its fat-reference steps, and of
+    the rest (reading, checks, labels, per-voxel fractions, tables)."""
+    totals, steps = [], []
+    for _ in range(repeats):
+        with timed_steps() as spent:
+            t0 = time.perf_counter()
+            run()
+            totals.append(time.perf_counter() - t0)
+        steps.append(dict(spent))
+    per_step = {name: statistics.median(s[name] for s in steps) for name in REFERENCE_STEPS}
+    reference = statistics.median(sum(s.values()) for s in steps)
+    rest = statistics.median(t - sum(s.values()) for t, s in zip(totals, steps, strict=True))
+    return {"stage_s": statistics.median(totals), "reference_steps_s": reference,
+            "per_step_s": per_step, "rest_s": rest}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    # As in every process that runs subjects through helpers.executor.run_tasks (the cohort
+    # figures of bench_scale.py): freed arrays are reused instead of page-faulted in again.
+    allocator_tuned = keep_freed_memory()
     ph = make_phantom("bench-001", seed=3, shape=SHAPE, bias_lr=0.3)
     tmp = Path(tempfile.mkdtemp(prefix="esma_bench_"))
     paths = write_phantom(ph, tmp)
@@ -133,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         example_reps = max(5, 2 * args.repeats)
         t_example_floor = _times(example_read_floor, example_reps, "example_read_floor")
         t_example_off = _times(example_off, example_reps, "example_without")
+        example_parts = reference_share(example_off, example_reps)
         t_load = _times(load_plain, args.repeats, "load")
         t_off = _times(files_off, args.repeats, "without")
         t_core = _times(core_off, args.repeats, "core_without")
@@ -157,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "volume": {"shape": list(SHAPE), "labels": n_labels,
                    "spacing_mm": [round(z, 4) for z in image.zooms_mm]},
         "threads": 1,
+        "allocator_tuned": allocator_tuned,
         "nibabel_load_image_and_mask_s": statistics.median(t_load),
         "metrics_without_bias_correction_s": statistics.median(t_off),
         "metrics_without_bias_correction_core_only_s": statistics.median(t_core),
@@ -178,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_to_read_floor_cpu": statistics.median(CPU["example_without"])
             / statistics.median(CPU["example_read_floor"]),
             "target_ratio": 2.0,
+            # Where the time goes: the fat-reference steps (body outline, subcutaneous band,
+            # noise, tissue intensities) against everything else the stage does.
+            "breakdown_s": example_parts,
+            "rest_ratio_to_read_floor": example_parts["rest_s"]
+            / statistics.median(t_example_floor),
+            "reference_steps_ratio_to_read_floor": example_parts["reference_steps_s"]
+            / statistics.median(t_example_floor),
         },
         "small_volume": {
             "shape": list(np.asarray(small.image.dataobj).shape),
@@ -223,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
               f"without bias correction {sv['metrics_without_bias_correction_s'] * 1e3:.1f} ms, "
               f"ratio {sv['ratio_to_read_floor']:.1f} (CPU {sv['ratio_to_read_floor_cpu']:.1f}; "
               "target <= 2)")
+    parts = results["realistic_volume"]
+    print(f"realistic volume breakdown: fat-reference steps {parts['breakdown_s']['reference_steps_s'] * 1e3:.1f} ms "
+          f"({parts['reference_steps_ratio_to_read_floor']:.1f}x the read floor; "
+          + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in parts["breakdown_s"]["per_step_s"].items())
+          + f"), everything else {parts['breakdown_s']['rest_s'] * 1e3:.1f} ms "
+          f"({parts['rest_ratio_to_read_floor']:.1f}x)")
     print("CPU seconds (median):", {k: round(v, 3) for k, v in results["cpu_s_median"].items()})
     print(f"wrote {args.out}")
     return 0

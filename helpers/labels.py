@@ -206,13 +206,28 @@ def _components(
     return idx, comp[local], int(n_comp)
 
 
+Components = dict[int, tuple[tuple[NDArray, ...], NDArray, int]]
+
+
+def _unsided_components(mask: NDArray, labels: LabelTable, ax: int) -> Components:
+    """:func:`_components` of every unsided label, by value (computed once, used twice)."""
+    structure = _inplane_structure(ax)
+    return {lab.value: _components(mask, lab.value, structure)
+            for lab in labels.labels if lab.side is None}
+
+
 def _pairs_by_slice(
-    mask: NDArray, affine: NDArray, labels: LabelTable, ax: int
+    mask: NDArray, affine: NDArray, labels: LabelTable, ax: int,
+    components: Components | None = None,
 ) -> list[list[tuple[float, float, float]]]:
-    """Midline evidence per slice: (x_mid, y_mid, weight) of every left/right pair."""
+    """Midline evidence per slice: (x_mid, y_mid, weight) of every left/right pair.
+
+    ``components``: :func:`_unsided_components` of the mask, when the caller has them.
+    """
     n_slices = mask.shape[ax]
     evidence: list[list[tuple[float, float, float]]] = [[] for _ in range(n_slices)]
-    structure = _inplane_structure(ax)
+    if components is None:
+        components = _unsided_components(mask, labels, ax)
     by_pair = {(lab.muscle, lab.side): lab.value for lab in labels.labels}
     # Sided pairs: centroids of the left and right labels in each slice.
     for lab in labels.labels:
@@ -237,7 +252,7 @@ def _pairs_by_slice(
     for lab in labels.labels:
         if lab.side is not None:
             continue
-        idx, cid, n_comp = _components(mask, lab.value, structure)
+        idx, cid, n_comp = components[lab.value]
         if n_comp < 2:
             continue
         x, y = _world_xy(idx, affine)
@@ -311,10 +326,16 @@ def estimate_midlines(mask: NDArray, affine: NDArray, labels: LabelTable) -> pd.
         ``source`` (``"pairs"``, ``"neighbours"`` or ``"extent"`` when no slice has any pair
         and the middle of the muscles' x extent is used, with a warning).
     """
-    mask = np.asarray(mask)
+    return _estimate_midlines(np.asarray(mask), affine, labels)
+
+
+def _estimate_midlines(
+    mask: NDArray, affine: NDArray, labels: LabelTable, components: Components | None = None
+) -> pd.DataFrame:
+    """:func:`estimate_midlines`, with the unsided labels' components when the caller has them."""
     ax = slice_axis(affine)
     n_slices = mask.shape[ax]
-    evidence = _pairs_by_slice(mask, affine, labels, ax)
+    evidence = _pairs_by_slice(mask, affine, labels, ax, components)
     rows = []
     for k in range(n_slices):
         if evidence[k]:
@@ -437,11 +458,11 @@ def split_sides(
     dtype = np.uint8 if max(table.values) < 256 else np.int16
     out = mask.astype(dtype, copy=True)
     ax = slice_axis(affine)
-    midlines = estimate_midlines(mask, affine, labels)
-    structure = _inplane_structure(ax)
+    components = _unsided_components(mask, labels, ax)
+    midlines = _estimate_midlines(mask, affine, labels, components)
     for lab in unsided:
         right, left = value_map[lab.value]
-        idx, cid, n_comp = _components(mask, lab.value, structure)
+        idx, cid, n_comp = components[lab.value]
         if not n_comp:
             continue
         is_right = _signed_offset(idx, affine, midlines, ax) > 0

@@ -1538,14 +1538,13 @@ def measure_subject(task: MeasureTask) -> dict[str, Any]:
     dict
         status (``computed`` / ``reused``) and seconds.
     """
-    from helpers.files import is_done, mark_done
+    from helpers.files import mark_done
     from helpers.metrics import MetricsSettings, measure_files, write_result
 
     t0 = time.perf_counter()
     out = Path(task.out_dir)
     key = _measure_key(task)
-    targets = [out / "metrics.csv", out / "asymmetry.csv"]
-    if all(is_done(t, key) for t in targets):
+    if _finished(out, _MEASURE_OUTPUTS, key):
         return {"status": "reused", "seconds": time.perf_counter() - t0}
     settings = MetricsSettings.from_mapping(dict(task.settings))
     result = measure_files(
@@ -1557,18 +1556,26 @@ def measure_subject(task: MeasureTask) -> dict[str, Any]:
         levels_path=task.levels,
     )
     write_result(result, out)
-    for t in targets:
-        mark_done(t, key)
+    for name in _MEASURE_OUTPUTS:
+        mark_done(out / name, key)
     return {"status": "computed", "seconds": time.perf_counter() - t0}
+
+
+#: The files whose completion markers say that a subject's stage is finished.
+_MEASURE_OUTPUTS = ("metrics.csv", "asymmetry.csv")
+_QC_OUTPUTS = ("qc.csv", "mosaic.png")
+
+
+def _finished(out: Path, names: tuple[str, ...], key: dict[str, Any]) -> bool:
+    """True when every file ``names`` in ``out`` carries a completion marker for ``key``."""
+    from helpers.files import is_done
+
+    return all(is_done(out / name, key) for name in names)
 
 
 def measure_done(task: MeasureTask) -> bool:
     """True when the subject's measurement is finished with these inputs and settings."""
-    from helpers.files import is_done
-
-    out = Path(task.out_dir)
-    key = _measure_key(task)
-    return all(is_done(out / name, key) for name in ("metrics.csv", "asymmetry.csv"))
+    return _finished(Path(task.out_dir), _MEASURE_OUTPUTS, _measure_key(task))
 
 
 def _measure_key(task: MeasureTask) -> dict[str, Any]:
@@ -1831,11 +1838,7 @@ def _qc_key(task: QCTask) -> dict[str, Any]:
 
 def qc_done(task: QCTask) -> bool:
     """True when the subject's QC rows and mosaic are finished with these inputs/settings."""
-    from helpers.files import is_done
-
-    out = Path(task.out_dir)
-    key = _qc_key(task)
-    return is_done(out / "qc.csv", key) and is_done(out / "mosaic.png", key)
+    return _finished(Path(task.out_dir), _QC_OUTPUTS, _qc_key(task))
 
 
 def qc_subject(task: QCTask) -> dict[str, Any]:
@@ -1850,17 +1853,17 @@ def qc_subject(task: QCTask) -> dict[str, Any]:
         status (``computed`` / ``reused``), seconds, ``qc`` (path of the rows), ``mosaic``.
     """
     from helpers import qc
-    from helpers.files import is_done, mark_done
+    from helpers.files import mark_done
     from helpers.labels import load_labels
     from helpers.metrics import read_levels
     from helpers.nifti import check_same_grid, load_image, load_mask
 
     t0 = time.perf_counter()
     out = Path(task.out_dir)
-    rows_csv, mosaic = out / "qc.csv", out / "mosaic.png"
+    rows_csv, mosaic = (out / name for name in _QC_OUTPUTS)
     key = _qc_key(task)
     result = {"qc": str(rows_csv), "mosaic": str(mosaic)}
-    if is_done(rows_csv, key) and is_done(mosaic, key):
+    if _finished(out, _QC_OUTPUTS, key):
         return {"status": "reused", "seconds": time.perf_counter() - t0, **result}
     settings = qc.QCSettings.from_mapping(task.settings)
     labels = load_labels(task.labels)

@@ -378,24 +378,11 @@ def fdr_table(
     out["caveat"] = np.where(is_psoas, "psoas T2 fat unreliable", "")
     if only_significant:
         out = out[out["sig"] == "*"]
-    cols = [
-        "sig",
-        "group",
-        "method",
-        "index",
-        "muscle",
-        "level",
-        "score",
-        "n",
-        "rho",
-        "ci_low",
-        "ci_high",
-        "p",
-        "p_fdr",
-        "covariates",
-        "family",
-        "caveat",
-    ]
+    from helpers.stats import CORRELATION_COLUMNS  # here: importing stats loads pingouin
+
+    # The correlation table's columns, with the mark, group and method first.
+    lead = ["sig", "group", "method"]
+    cols = [*lead, *(c for c in CORRELATION_COLUMNS if c not in lead), "caveat"]
     out = out.reindex(columns=[c for c in cols if c in out.columns])
     return out.sort_values(["p_fdr", "p"], kind="stable", na_position="last").reset_index(drop=True)
 

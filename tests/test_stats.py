@@ -585,3 +585,35 @@ def test_extra_columns_of_a_scores_file_and_non_numeric_covariates(tmp_path):
     assert t.loc[t["method"] == "partial_spearman", "n"].tolist() == [4]
     with pytest.raises(StatsInputError, match="covariate 'smoker' is not numeric"):
         correlation_table(asym, scores, covariates=("smoker",))
+
+
+def test_fdr_table_marks_sorts_and_flags_psoas_fat() -> None:
+    """The report's FDR table: ``*`` exactly where p_fdr < alpha, sorted by p_fdr then p (NaN
+    last), psoas rows flagged, the correlation columns kept with sig/group/method first."""
+    from helpers.report import fdr_table
+
+    corr = pd.DataFrame({
+        "group": ["all", "male", "female", "all"],
+        "index": ["cdi", "lfiar", "cdi", "lfiar"],
+        "muscle": ["multifidus", "psoas", "erector_spinae", "multifidus"],
+        "level": ["L4", "L4", "L5", "L3"],
+        "score": ["odi"] * 4,
+        "n": [40, 20, 20, 40],
+        "rho": [0.5, -0.4, 0.1, np.nan],
+        "ci_low": [0.2, -0.7, -0.3, np.nan],
+        "ci_high": [0.7, 0.0, 0.5, np.nan],
+        "p": [0.001, 0.04, 0.6, np.nan],
+        "p_fdr": [0.004, 0.05, 0.8, np.nan],
+        "method": ["spearman"] * 4,
+        "covariates": [""] * 4,
+        "family": ["f"] * 4,
+    })
+    out = fdr_table(corr, alpha=0.05)
+    assert list(out.columns[:3]) == ["sig", "group", "method"]
+    assert set(out.columns) == set(CORRELATION_COLUMNS) | {"sig", "caveat"}
+    assert out["p_fdr"].tolist()[:3] == [0.004, 0.05, 0.8]
+    assert np.isnan(out["p_fdr"].iloc[3])
+    assert out["sig"].tolist() == ["*", "", "", ""]  # 0.05 is not below alpha
+    assert out["caveat"].tolist() == ["", "psoas T2 fat unreliable", "", ""]
+    only = fdr_table(corr, alpha=0.06, only_significant=True)
+    assert only["muscle"].tolist() == ["multifidus", "psoas"]
