@@ -1526,6 +1526,18 @@ class MeasureTask:
     out_dir: str
 
 
+#: The files whose completion markers say that a subject's stage is finished.
+_MEASURE_OUTPUTS = ("metrics.csv", "asymmetry.csv")
+_QC_OUTPUTS = ("qc.csv", "mosaic.png")
+
+
+def _finished(out: Path, names: tuple[str, ...], key: dict[str, Any]) -> bool:
+    """True when every file ``names`` in ``out`` carries a completion marker for ``key``."""
+    from helpers.files import is_done
+
+    return all(is_done(out / name, key) for name in names)
+
+
 def measure_subject(task: MeasureTask) -> dict[str, Any]:
     """Measure one subject into its work folder, or reuse the finished result.
 
@@ -1559,18 +1571,6 @@ def measure_subject(task: MeasureTask) -> dict[str, Any]:
     for name in _MEASURE_OUTPUTS:
         mark_done(out / name, key)
     return {"status": "computed", "seconds": time.perf_counter() - t0}
-
-
-#: The files whose completion markers say that a subject's stage is finished.
-_MEASURE_OUTPUTS = ("metrics.csv", "asymmetry.csv")
-_QC_OUTPUTS = ("qc.csv", "mosaic.png")
-
-
-def _finished(out: Path, names: tuple[str, ...], key: dict[str, Any]) -> bool:
-    """True when every file ``names`` in ``out`` carries a completion marker for ``key``."""
-    from helpers.files import is_done
-
-    return all(is_done(out / name, key) for name in names)
 
 
 def measure_done(task: MeasureTask) -> bool:

@@ -608,6 +608,7 @@ def test_fdr_table_marks_sorts_and_flags_psoas_fat() -> None:
         "covariates": [""] * 4,
         "family": ["f"] * 4,
     })
+    corr = corr.iloc[[3, 2, 0, 1]]  # unsorted input
     out = fdr_table(corr, alpha=0.05)
     assert list(out.columns[:3]) == ["sig", "group", "method"]
     assert set(out.columns) == set(CORRELATION_COLUMNS) | {"sig", "caveat"}
