@@ -24,7 +24,8 @@ Executors
     :mod:`dask.distributed`: ``Client(scheduler)`` when a scheduler address is given (an HPC
     cluster started with dask-jobqueue, see ``benchmarks/README.md``), else a
     ``LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True)``
-    started for the call and closed afterwards.  The workers must be able to import the
+    started for the call (with :data:`LOCAL_DASK_CONFIG`) and closed afterwards.  The workers
+    must be able to import the
     function's module (install esma in the workers' environment).  A subject whose task kills
     its worker ends as ``KilledWorker``; if the own LocalCluster has no workers left for
     :data:`DASK_NO_WORKER_TIMEOUT_S` the remaining subjects fail (an external cluster is waited
@@ -70,6 +71,7 @@ from helpers.errors import ConfigError
 
 __all__ = [
     "EXECUTOR_KINDS",
+    "LOCAL_DASK_CONFIG",
     "ExecutorConfig",
     "TaskOutcome",
     "failures_table",
@@ -463,6 +465,26 @@ def _run_processes(
 DASK_NO_WORKER_TIMEOUT_S = 120.0
 #: How often (s) the dask loop checks that workers are still there while waiting.
 _DASK_POLL_S = 5.0
+#: dask settings of an own LocalCluster (its scheduler and worker processes).
+#:
+#: - Only tasks that are executing on a worker are blamed when it dies (no queue on the
+#:   workers: saturation 1.0), so a subject that kills its worker fails after dying on three
+#:   workers (dask's default is four) while innocent subjects are not blamed.
+#: - The workers' periodic bookkeeping runs less often: the statistical profiler (a thread that
+#:   takes the GIL every 10 ms), the event-loop health tick (every 20 ms), the nanny's memory
+#:   monitor (every 100 ms) and the system monitor (every 500 ms).  Each takes the GIL from the
+#:   task's thread; together they cost 2 workers about 8 % of their throughput on the 2-core
+#:   test machine (metrics stage with N4: 1.22 against 1.33 subjects/s for ``processes``; with
+#:   these settings 1.31, ``benchmarks/README.md``).  Memory limits are still enforced, checked
+#:   once a second.  No single setting gave the gain on its own.
+LOCAL_DASK_CONFIG: dict[str, Any] = {
+    "distributed.scheduler.allowed-failures": 2,
+    "distributed.scheduler.worker-saturation": 1.0,
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
 
 
 def _dask_failure(key: str, error: str) -> TaskOutcome:
@@ -506,15 +528,8 @@ def _run_dask_cluster(
     cluster = None
     if config.scheduler is None:
         env = {var: "1" for var in _THREAD_ENV}
-        # Only tasks that are executing on a worker are blamed when it dies (no queue on the
-        # workers: saturation 1.0), so a subject that kills its worker fails after dying on three
-        # workers (dask's default is four) while innocent subjects are not blamed.
-        with dask.config.set(
-            {
-                "distributed.scheduler.allowed-failures": 2,
-                "distributed.scheduler.worker-saturation": 1.0,
-            }
-        ):
+        # The nannies hand this configuration to the worker processes they start.
+        with dask.config.set(LOCAL_DASK_CONFIG):
             cluster = LocalCluster(
                 n_workers=config.workers,
                 threads_per_worker=config.threads_per_worker,

@@ -23,6 +23,7 @@ import pytest
 
 from helpers.errors import ConfigError, InputFileError
 from helpers.executor import (
+    LOCAL_DASK_CONFIG,
     ExecutorConfig,
     TaskOutcome,
     failures_table,
@@ -53,10 +54,13 @@ def toy_task(spec: tuple[int, str, float]) -> pd.DataFrame:
             {v: [os.environ.get(v)] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
         )
     if action == "allocator":  # what the worker's environment and allocator are
+        import dask
+
         import helpers.executor as ex
 
         return pd.DataFrame({"trim_env": [os.environ.get("MALLOC_TRIM_THRESHOLD_")],
-                             "tuned": [ex._ALLOCATOR_TUNED]})
+                             "tuned": [ex._ALLOCATOR_TUNED],
+                             **{k: [dask.config.get(k, None)] for k in ex.LOCAL_DASK_CONFIG}})
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(16, 16, 4))
     return pd.DataFrame({"seed": [seed], "mean": [x.mean()], "p90": [np.percentile(x, 90)]})
@@ -256,13 +260,23 @@ def test_keep_freed_memory_stops_page_faulting_each_subject(example_dir: Path) -
 def test_dask_local_cluster_leaves_this_process_environment_as_it_was() -> None:
     """distributed's nannies set MALLOC_TRIM_THRESHOLD_ and thread variables in the calling
     process; run_tasks puts the environment back, while its workers still tune their allocator."""
+    import dask
+    import distributed  # noqa: F401 - loads distributed's defaults into dask.config
+
     before = dict(os.environ)
+    config_before = {k: dask.config.get(k, None) for k in LOCAL_DASK_CONFIG}
+    assert config_before["distributed.admin.tick.interval"] != "1s"  # the test changes something
     out = run_tasks(toy_task, {"a": (0, "allocator", 0.0), "b": (1, "", 0.0)},
                     ExecutorConfig(kind="dask", workers=1), progress=False)
     assert dict(os.environ) == before
     worker = out["a"].value.iloc[0]
     assert worker["trim_env"] == "65536"  # what dask gives its workers (and leaked to us)
     assert bool(worker["tuned"]) is sys.platform.startswith("linux")
+    # The workers run with the cluster's settings (profiler off, slower bookkeeping ticks) ...
+    assert {k: worker[k] for k in LOCAL_DASK_CONFIG} == LOCAL_DASK_CONFIG
+    assert not worker["distributed.worker.profile.enabled"]  # dask's default: on
+    # ... and this process's dask configuration is as it was.
+    assert {k: dask.config.get(k, None) for k in LOCAL_DASK_CONFIG} == config_before
     proc = run_tasks(toy_task, {"a": (0, "allocator", 0.0)},
                      ExecutorConfig(kind="processes", workers=1), progress=False)
     assert proc["a"].value.iloc[0]["trim_env"] == before.get("MALLOC_TRIM_THRESHOLD_")
