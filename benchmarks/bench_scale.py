@@ -340,7 +340,9 @@ def demo_pipeline(
     except ImportError as exc:
         return {"status": f"skipped: helpers.demo not available ({exc})"}
     esma = Path(sys.executable).with_name("esma")
-    out = work / "demo"
+    # A fresh folder each time: in a kept work folder, esma would resume the earlier demo
+    # (finished stages are not recomputed) and this would time a resume.
+    out = Path(tempfile.mkdtemp(prefix="demo-", dir=work))
     command = [str(esma), "demo", "--out", str(out), "--quiet"]
     if subjects is not None:
         command += ["--subjects", str(subjects)]
@@ -373,9 +375,48 @@ def demo_pipeline(
     return result
 
 
+def measure_pipeline(work: Path, subjects: int | None) -> dict[str, Any]:
+    """Papermill's overhead and the demo pipeline (a failure is reported, not raised)."""
+    try:
+        pm = papermill_overhead(work)
+        return {"papermill": pm, "demo": demo_pipeline(work, pm["empty_notebook_s"], subjects)}
+    except Exception as exc:  # noqa: BLE001 - report, keep the metrics results
+        return {"status": f"failed: {type(exc).__name__}: {exc}"}
+
+
+def remeasure_pipeline(
+    work: Path, args: argparse.Namespace, started: str, load_at_start: float
+) -> int:
+    """``--pipeline-only``: replace the pipeline entry of an earlier run's results file."""
+    try:
+        result = json.loads(args.out.read_text())
+        pipeline = measure_pipeline(work, args.demo_subjects)
+        pipeline["remeasured"] = {
+            "started": started,
+            "load_avg_1m_at_start": round(load_at_start, 2),
+            "warning": busy_warning(load_at_start),
+            "why": "measured on its own, after the run that gave the rows (--pipeline-only)",
+        }
+        result["pipeline"] = pipeline
+        write_json(args.out, result)
+        print(f"- pipeline: {json.dumps(pipeline)}\n\nupdated {args.out}")
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` to ``path`` atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def checks(rows: list[dict[str, Any]], sizes: list[int], workers: int) -> dict[str, Any]:
     """The issue's targets, evaluated on the measured rows."""
 
@@ -533,6 +574,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-dask", action="store_true", help="skip the dask LocalCluster runs")
     p.add_argument("--no-pipeline", action="store_true", help="skip papermill and esma demo")
     p.add_argument(
+        "--pipeline-only",
+        action="store_true",
+        help="measure only papermill and esma demo, and replace the 'pipeline' entry of an "
+        "earlier run's --out file (which records when and on what load it was re-measured)",
+    )
+    p.add_argument(
         "--demo-subjects", type=int, help="synthetic subjects of the demo (default: esma's 24)"
     )
     p.add_argument("--workdir", type=Path, help="where the cohort is written (default: a temp dir)")
@@ -544,6 +591,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = p.parse_args(argv)
+    if args.pipeline_only and (args.no_pipeline or not args.out.exists()):
+        p.error(f"--pipeline-only: needs an earlier run's {args.out} and no --no-pipeline")
     if args.quick:
         args.sizes = "20,50" if args.sizes == "50,200,1000" else args.sizes
         args.no_dask = True
@@ -573,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()[0]
     if busy_warning(load_at_start):
         print(f"WARNING: {busy_warning(load_at_start)}", flush=True)
+    if args.pipeline_only:
+        return remeasure_pipeline(work, args, started, load_at_start)
     t0 = time.perf_counter()
     try:
         print(
@@ -631,14 +682,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pipeline: dict[str, Any] = {"status": "skipped (--no-pipeline)"}
         if not args.no_pipeline:
-            try:
-                pm = papermill_overhead(work)
-                pipeline = {
-                    "papermill": pm,
-                    "demo": demo_pipeline(work, pm["empty_notebook_s"], args.demo_subjects),
-                }
-            except Exception as exc:  # noqa: BLE001 - report, keep the metrics results
-                pipeline = {"status": f"failed: {type(exc).__name__}: {exc}"}
+            pipeline = measure_pipeline(work, args.demo_subjects)
 
         result = {
             "benchmark": "bench_scale",
@@ -661,10 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             "checks": checks(rows, args.sizes, args.workers),
             "pipeline": pipeline,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.out)
+        write_json(args.out, result)
 
         print()
         print(

@@ -74,6 +74,7 @@ __all__ = [
     "LOCAL_DASK_CONFIG",
     "ExecutorConfig",
     "TaskOutcome",
+    "dask_environment",
     "failures_table",
     "keep_freed_memory",
     "run_tasks",
@@ -485,6 +486,30 @@ LOCAL_DASK_CONFIG: dict[str, Any] = {
     "distributed.worker.memory.monitor-interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
 }
+
+
+def dask_environment() -> dict[str, str]:
+    """:data:`LOCAL_DASK_CONFIG` as dask's environment variables, for a cluster you start.
+
+    The workers of a cluster started outside esma (dask-jobqueue, ``dask worker``) read their
+    own configuration, not the driver's: export these variables in their job script
+    (``job_script_prologue``), and in the environment of the process that runs the scheduler.
+
+    Returns
+    -------
+    dict of str to str
+        ``{"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False", ...}``; dask reads each
+        value as a Python literal, or as a string (``"1s"``) when it is none.
+
+    Examples
+    --------
+    >>> dask_environment()["DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL"]
+    '1s'
+    """
+    return {
+        "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+        for key, value in LOCAL_DASK_CONFIG.items()
+    }
 
 
 def _dask_failure(key: str, error: str) -> TaskOutcome:

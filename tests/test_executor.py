@@ -26,6 +26,7 @@ from helpers.executor import (
     LOCAL_DASK_CONFIG,
     ExecutorConfig,
     TaskOutcome,
+    dask_environment,
     failures_table,
     run_tasks,
     successful_values,
@@ -307,6 +308,23 @@ def test_processes_refuse_functions_defined_interactively(monkeypatch: pytest.Mo
     with pytest.raises(TypeError, match="notebook"):
         run_tasks(in_notebook, {"s": 1}, ExecutorConfig(kind="processes", workers=2))
     assert run_tasks(in_notebook, {"s": 1}, ExecutorConfig(), progress=False)["s"].value == 1
+
+
+def test_dask_environment_gives_a_fresh_process_the_local_cluster_settings() -> None:
+    """The variables the SLURM recipe exports make dask read LOCAL_DASK_CONFIG."""
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env.update(dask_environment())
+    code = (
+        "import json, sys, dask, distributed\n"
+        "print(json.dumps({k: dask.config.get(k) for k in json.loads(sys.argv[1])}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(list(LOCAL_DASK_CONFIG))],
+                         capture_output=True, text=True, check=True, env=env)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == LOCAL_DASK_CONFIG
+    assert len(dask_environment()) == len(LOCAL_DASK_CONFIG)
 
 
 def test_dask_external_scheduler_matches_sequential() -> None:
