@@ -25,11 +25,10 @@ Executors
     cluster started with dask-jobqueue, see ``benchmarks/README.md``), else a
     ``LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True)``
     started for the call (with :data:`LOCAL_DASK_CONFIG`) and closed afterwards.  The workers
-    must be able to import the
-    function's module (install esma in the workers' environment).  A subject whose task kills
-    its worker ends as ``KilledWorker``; if the own LocalCluster has no workers left for
-    :data:`DASK_NO_WORKER_TIMEOUT_S` the remaining subjects fail (an external cluster is waited
-    for: a batch queue may still be starting its jobs).
+    must be able to import the function's module (install esma in the workers' environment).
+    A subject whose task kills its worker ends as ``KilledWorker``; if the own LocalCluster has
+    no workers left for :data:`DASK_NO_WORKER_TIMEOUT_S` the remaining subjects fail (an
+    external cluster is waited for: a batch queue may still be starting its jobs).
 
 Memory stays flat with the cohort size: at most ``2 * workers`` (dask: ``2 * workers *
 threads_per_worker``) items are in flight, the next one is submitted when one finishes, and
@@ -475,9 +474,10 @@ _DASK_POLL_S = 5.0
 #:   takes the GIL every 10 ms), the event-loop health tick (every 20 ms), the nanny's memory
 #:   monitor (every 100 ms) and the system monitor (every 500 ms).  Each takes the GIL from the
 #:   task's thread; together they cost 2 workers about 8 % of their throughput on the 2-core
-#:   test machine (metrics stage with N4: 1.22 against 1.33 subjects/s for ``processes``; with
-#:   these settings 1.31, ``benchmarks/README.md``).  Memory limits are still enforced, checked
-#:   once a second.  No single setting gave the gain on its own.
+#:   test machine (metrics stage with N4, 60 subjects: 1.22 against 1.33 subjects/s for
+#:   ``processes``; with these settings 1.31.  On 1000 subjects 2 workers went from 1.79x to
+#:   1.91x of sequential, ``benchmarks/results/scale.json``).  Memory limits are still
+#:   enforced, checked once a second.  No single setting gave the gain on its own.
 LOCAL_DASK_CONFIG: dict[str, Any] = {
     "distributed.scheduler.allowed-failures": 2,
     "distributed.scheduler.worker-saturation": 1.0,
