@@ -388,21 +388,17 @@ def remeasure_pipeline(
     work: Path, args: argparse.Namespace, started: str, load_at_start: float
 ) -> int:
     """``--pipeline-only``: replace the pipeline entry of an earlier run's results file."""
-    try:
-        result = json.loads(args.out.read_text())
-        pipeline = measure_pipeline(work, args.demo_subjects)
-        pipeline["remeasured"] = {
-            "started": started,
-            "load_avg_1m_at_start": round(load_at_start, 2),
-            "warning": busy_warning(load_at_start),
-            "why": "measured on its own, after the run that gave the rows (--pipeline-only)",
-        }
-        result["pipeline"] = pipeline
-        write_json(args.out, result)
-        print(f"- pipeline: {json.dumps(pipeline)}\n\nupdated {args.out}")
-    finally:
-        if not args.keep and args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    result = json.loads(args.out.read_text())
+    pipeline = measure_pipeline(work, args.demo_subjects)
+    pipeline["remeasured"] = {
+        "started": started,
+        "load_avg_1m_at_start": round(load_at_start, 2),
+        "warning": busy_warning(load_at_start),
+        "why": "measured on its own, after the run that gave the rows (--pipeline-only)",
+    }
+    result["pipeline"] = pipeline
+    write_json(args.out, result)
+    print(f"- pipeline: {json.dumps(pipeline)}\n\nupdated {args.out}")
     return 0
 
 
@@ -622,10 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()[0]
     if busy_warning(load_at_start):
         print(f"WARNING: {busy_warning(load_at_start)}", flush=True)
-    if args.pipeline_only:
-        return remeasure_pipeline(work, args, started, load_at_start)
     t0 = time.perf_counter()
     try:
+        if args.pipeline_only:  # the work folder is cleaned up below, as after a full run
+            return remeasure_pipeline(work, args, started, load_at_start)
         print(
             f"building a cohort of {max(args.sizes)} subjects ({args.template} template"
             f"{', shape ' + 'x'.join(map(str, args.shape)) if args.shape else ''}) in {work} ...",
