@@ -165,13 +165,18 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _add_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment images with a trained nnU-Net v2 model")
     p.add_argument("--images", required=True, type=Path, help="an image file or a folder")
-    p.add_argument("--model", required=True, type=Path, help="model folder or exported .zip")
+    p.add_argument("--model", required=True, type=Path,
+                   help="model folder or exported .zip, or a bundled model: 'starter' (for "
+                        "scans from any site) or 'demo'")
     p.add_argument("--out", required=True, type=Path, help="output folder for masks")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--fast", action="store_true", help="one fold, no mirror TTA, larger step, torch resampling of class scores")
     p.add_argument("--folds", help="comma-separated folds, e.g. 0,1")
     p.add_argument("--overwrite", action="store_true", help="redo subjects already segmented")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--no-scan-check", action="store_true",
+                   help="segment scans that look non-axial, fat-suppressed or not lumbar "
+                        "(helpers.scancheck) instead of refusing them")
     p.add_argument("--no-split-sides", action="store_true",
                    help="write the model's own labels (do not split unsided labels into sides)")
     p.set_defaults(func=_cmd_segment)
@@ -183,13 +188,15 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     # Idle OpenMP threads sleep instead of spinning (must be set before torch loads): on a shared
     # CPU, spinning threads make inference several times slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from helpers.segment import SegmentSettings, find_images, segment_cohort
+    from helpers.segment import SegmentSettings, find_images, resolve_model, segment_cohort
 
     settings = SegmentSettings(device=args.device, fast=args.fast, num_threads=args.threads,
                                folds=SegmentSettings.parse_folds(args.folds),
-                               split_sides=not args.no_split_sides)
+                               split_sides=not args.no_split_sides,
+                               check_scan=not args.no_scan_check)
     images = find_images(args.images)
-    table = segment_cohort(images, args.model, args.out, settings, overwrite=args.overwrite,
+    table = segment_cohort(images, resolve_model(args.model), args.out, settings,
+                           overwrite=args.overwrite,
                            progress=sys.stderr.isatty())
     counts = table["status"].value_counts().to_dict()
     log.info("segment: %d done, %d skipped, %d failed; masks in %s", counts.get("done", 0),

@@ -457,7 +457,10 @@ def parse_study(document: object, source: str | Path) -> Study:
 
     model = None
     if document.get("model") is not None:
-        model = v.path("model", document["model"])
+        from helpers.segment import BUNDLED_MODELS
+
+        name = document["model"]
+        model = BUNDLED_MODELS[name] if name in BUNDLED_MODELS else v.path("model", name)
         if not model.exists():
             v.fail("model", f"{model}: model not found (a .zip or an nnU-Net results folder)")
     if model is None and not all(s.mask is not None for s in subjects):

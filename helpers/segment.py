@@ -129,6 +129,10 @@ class SegmentSettings:
         Split unsided model labels into left/right by anatomy (:func:`helpers.labels.split_sides`).
     configuration : str, optional
         Which trained configuration to use when the model folder holds several.
+    check_scan : bool
+        Refuse, before segmentation, a scan the model cannot segment: not axial, fat-suppressed,
+        not a lumbar cross-section (:func:`helpers.scancheck.check_scan`); and, after it, a
+        result without any psoas or quadratus lumborum voxel (not the lumbar region).
     """
 
     device: str = "auto"
@@ -140,6 +144,7 @@ class SegmentSettings:
     num_threads: int | None = None
     split_sides: bool = True
     configuration: str | None = None
+    check_scan: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps"):
@@ -224,6 +229,28 @@ class ModelInfo:
     def sided(self) -> bool:
         """True when every label of the model names a side."""
         return self.labels.is_sided()
+
+
+_DATA = Path(__file__).resolve().parents[1] / "data"
+#: Models shipped in ``data/``, usable by name wherever a model path is asked for.
+BUNDLED_MODELS: dict[str, Path] = {
+    "demo": _DATA / "demo_model" / "esma_demo_model.zip",
+    "starter": _DATA / "starter_model" / "esma_starter_model.zip",
+}
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A bundled model's zip for its name (``demo``, ``starter``), else the path as given.
+
+    Examples
+    --------
+    >>> resolve_model("starter").name
+    'esma_starter_model.zip'
+    >>> resolve_model("models/mine.zip")
+    PosixPath('models/mine.zip')
+    """
+    text = str(model)
+    return BUNDLED_MODELS[text] if text in BUNDLED_MODELS else Path(model)
 
 
 def model_cache_dir() -> Path:
@@ -665,6 +692,7 @@ class Segmenter:
             "torch_resampling": self.torch_resampling,
             "split_sides": self.will_split,
             "configuration": self.model.configuration,
+            "check_scan": bool(self.settings.check_scan),
         }
 
     # ------------------------------------------------------------------------------- predict
@@ -683,6 +711,10 @@ class Segmenter:
 
         image_path = Path(image_path)
         volume = load_image(image_path)
+        if self.settings.check_scan:
+            from helpers.scancheck import check_scan
+
+            check_scan(volume)
         try:
             with _quiet():
                 data, props = self.reader.read_images([str(image_path)])
@@ -723,6 +755,18 @@ class Segmenter:
         """
         mask, volume = self.predict_raw(image_path)
         labels = self.model.labels
+        lumbar = [lab.value for lab in labels.labels
+                  if lab.muscle in ("psoas_major", "quadratus_lumborum")]
+        if self.settings.check_scan and lumbar and not np.isin(mask, lumbar).any():
+            msg = ("the model found no psoas major or quadratus lumborum on any slice: not the "
+                   "lumbar region, or a scan this model cannot read; no mask written")
+            raise InputFileError(Path(image_path), msg)
+        if self.settings.check_scan and lumbar:
+            from helpers.fat import tissue_intensities
+
+            # Fat around the predicted muscles must be brighter than they are (fat-bright scan);
+            # raises InputFileError naming the file otherwise.
+            tissue_intensities(volume.data, mask > 0, volume.affine, path=image_path)
         if self.will_split:
             mask, labels = _split_sides(mask, volume.affine, labels)
         return np.asarray(mask), volume, labels

@@ -534,10 +534,25 @@ def _superellipse(du: NDArray, dv: NDArray, a: float, b: float, n: float = 2.6) 
     return np.abs(du / a) ** n + np.abs(dv / b) ** n
 
 
+#: Tissue classes of :func:`_build_body` (``classes`` argument), numbered after the 8 sided
+#: muscle labels; 0 is air.  :mod:`helpers.synthseg` renders them with random intensities.
+BODY_CLASSES: dict[str, int] = {
+    "subcutaneous_fat": 9, "other_fat": 10, "skin": 11, "other_muscle": 12, "bowel": 13,
+    "cortical_bone": 14, "marrow": 15, "csf": 16, "nerve_root": 17,
+}
+
+
 def _build_body(
-    labels: NDArray, grid: dict[str, Any], rng: np.random.Generator, body: dict[str, float]
+    labels: NDArray, grid: dict[str, Any], rng: np.random.Generator, body: dict[str, float],
+    classes: NDArray[np.uint8] | None = None,
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """Non-muscle anatomy: (fat fraction, non-fat intensity as a fraction of I_fat) per voxel."""
+    """Non-muscle anatomy: (fat fraction, non-fat intensity as a fraction of I_fat) per voxel.
+
+    When ``classes`` (uint8, the shape of ``labels``) is given, it receives each non-muscle
+    voxel's tissue class (:data:`BODY_CLASSES`; 0 outside the body); muscle voxels are left as
+    they are.  The returned arrays do not depend on it.
+    """
+    c = BODY_CLASSES
     nx, ny, nz = labels.shape
     sx, sy, _ = grid["spacing"]
     uu, vv = np.meshgrid(grid["u"], grid["v"], indexing="ij")
@@ -574,17 +589,22 @@ def _build_body(
                                (in_post - in_ant) / 2 - wall_t) <= 1.0
         f2 = np.zeros((nx, ny), np.float32)
         b2 = np.zeros((nx, ny), np.float32)
+        c2 = np.zeros((nx, ny), np.uint8)
         # skin and subcutaneous / retroperitoneal / paraspinal fat
         b2[in_body] = _I_SKIN
+        c2[in_body] = c["skin"]
         fatty = skin_in.copy()
         f2[fatty] = 1.0
+        c2[fatty] = np.where(inner[fatty], c["other_fat"], c["subcutaneous_fat"])
         sep = fatty & (np.abs(septa[:, :, k]) < 0.025)
         f2[sep] = 0.75
         b2[sep] = 0.25
+        c2[sep] = c["other_fat"]
         # abdominal wall (muscle), anterior and lateral only
         wall = inner & ~inner2 & (vv < lm["v_post"][k] - 15.0)
         f2[wall] = 0.0
         b2[wall] = _I_WALL
+        c2[wall] = c["other_muscle"]
         # peritoneal cavity (bowel-like texture): anterior to the spine, reaching further back
         # in the flanks, with a margin of retroperitoneal fat around muscles and vertebra
         v_lim = v_vb - 12.0 + 0.004 * du * du
@@ -600,30 +620,41 @@ def _build_body(
         mesent = cav & (g1 < -1.5)
         f2[cav] = 0.0
         b2[cav] = bow[cav]
+        c2[cav] = c["bowel"]
         f2[mesent] = 1.0
+        c2[mesent] = c["other_fat"]
         # vertebral body with cortex, spinal canal, posterior elements
         r_vb = _superellipse(du, vv - v_vb, body["vb_rx_mm"], body["vb_ry_mm"], 2.0)
         vb = r_vb <= 1.0
         f2[vb] = 0.0
         b2[vb] = _I_CORTEX
+        c2[vb] = c["cortical_bone"]
         core = _superellipse(du, vv - v_vb, body["vb_rx_mm"] - 2.0, body["vb_ry_mm"] - 2.0, 2.0) <= 1
         b2[core] = _I_MARROW * (1 + 0.12 * marrow[:, :, k][core])
+        c2[core] = c["marrow"]
         rc_u, rc_v = body["canal_rx_mm"], body["canal_ry_mm"]
         r_c = _superellipse(du, vv - v_canal, rc_u, rc_v, 2.0)
         lam = (_superellipse(du, vv - v_canal, rc_u + 4.5, rc_v + 4.5, 2.0) <= 1.0) & (
             vv > v_canal - 0.3 * rc_v)
         f2[lam] = 0.0
         b2[lam] = _I_CORTEX
+        c2[lam] = c["cortical_bone"]
         spin = (np.abs(du) < 3.5) & (vv > v_canal) & (vv < lm["v_post"][k] - 8.0)
         f2[spin] = 0.0
         b2[spin] = _I_CORTEX * 2
+        c2[spin] = c["cortical_bone"]
         canal = r_c <= 1.0
         f2[canal] = 0.0
         b2[canal] = _I_CSF
+        c2[canal] = c["csf"]
         roots = canal & (np.abs(marrow[:, :, k]) > 1.6)
         b2[roots] = 0.25
+        c2[roots] = c["nerve_root"]
         fat[:, :, k] = f2
         base[:, :, k] = b2
+        if classes is not None:
+            muscle = labels[:, :, k] > 0
+            classes[:, :, k] = np.where(muscle, classes[:, :, k], c2)
     return fat, base
 
 

@@ -189,6 +189,16 @@ class TrainSettings:
         Data-augmentation worker processes (default: nnU-Net's choice capped by the cores).
     preprocess_workers : int
         Processes for fingerprinting and preprocessing.
+    reader : {"SimpleITKIO", "NibabelIO", "NibabelIOWithReorient"}
+        nnU-Net image reader of the model.  ``NibabelIOWithReorient`` re-stores every image
+        RAS-canonical before the network sees it, in training and at inference, so the model
+        is independent of the storage orientation.
+    resume : bool
+        Continue an interrupted run in the same ``work_dir``: the raw dataset and the
+        preprocessed data are reused when the cases and settings are unchanged, and a fold
+        restarts from its latest checkpoint (saved every ``save_every`` epochs).
+    save_every : int, optional
+        Epochs between checkpoints (default: a quarter of the epochs, at most 50).
     seed : int
         Seeds torch and numpy in the training process (augmentation workers are not seeded:
         nnU-Net training is not bit-reproducible).
@@ -211,6 +221,9 @@ class TrainSettings:
     num_threads: int | None = None
     da_workers: int | None = None
     preprocess_workers: int = 2
+    reader: str = "SimpleITKIO"
+    resume: bool = False
+    save_every: int | None = None
     seed: int = 12345
 
     def __post_init__(self) -> None:
@@ -237,6 +250,13 @@ class TrainSettings:
             if int(getattr(self, name)) < 1:
                 msg = f"{name} must be at least 1, got {getattr(self, name)!r}"
                 raise ConfigError(msg)
+        if self.reader not in ("SimpleITKIO", "NibabelIO", "NibabelIOWithReorient"):
+            msg = ("reader must be SimpleITKIO, NibabelIO or NibabelIOWithReorient, "
+                   f"got {self.reader!r}")
+            raise ConfigError(msg)
+        if self.save_every is not None and int(self.save_every) < 1:
+            msg = f"save_every must be at least 1, got {self.save_every!r}"
+            raise ConfigError(msg)
         if self.small_network is not None and self.configuration != "2d":
             msg = "small_network shrinks the 2d configuration: use configuration='2d'"
             raise ConfigError(msg)
@@ -496,6 +516,8 @@ def write_raw_dataset(
         "description": "paraspinal muscle masks converted by esma (helpers.training)",
         "converted_by": "esma",
     }
+    if settings.reader != "SimpleITKIO":
+        dataset["overwrite_image_reader_writer"] = settings.reader
     atomic_write_text(folder / "dataset.json", json.dumps(dataset, indent=2) + "\n")
     atomic_write_text(folder / LABELS_FILE, json.dumps(labels_document(labels), indent=2) + "\n")
     log.info("wrote nnU-Net raw dataset %s (%d cases)", folder, len(cases))
@@ -633,9 +655,13 @@ def _worker_main(step: str, config_path: str) -> None:  # pragma: no cover - run
         trainer.num_iterations_per_epoch = int(cfg["iterations_per_epoch"])
         trainer.num_val_iterations_per_epoch = int(cfg["val_iterations_per_epoch"])
         trainer.initial_lr = float(cfg["initial_lr"])
-        trainer.save_every = max(1, min(50, int(cfg["epochs"]) // 4))
+        trainer.save_every = int(cfg.get("save_every") or max(1, min(50, int(cfg["epochs"]) // 4)))
         if cfg.get("rotation_deg") is not None:
             _limit_rotation(trainer, float(cfg["rotation_deg"]))
+        latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
+        if cfg.get("resume") and latest.is_file():
+            trainer.load_checkpoint(str(latest))  # as nnU-Net's --c: epoch, optimizer, logs
+            sys.stdout.write(f"esma: resuming from {latest} at epoch {trainer.current_epoch}\n")
         trainer.run_training()
         trainer.perform_actual_validation(False)
     else:
@@ -791,9 +817,19 @@ def train_fold(
         "rotation_deg": settings.rotation_deg,
         "threads": n_threads,
         "seed": settings.seed,
+        "resume": settings.resume,
+        "save_every": settings.save_every,
     }
-    _run_worker("train", cfg, env, dirs.root / "logs" / f"train_fold_{fold}.log")
     folder = _trainer_folder(dirs, settings, trainer, plans_identifier) / f"fold_{fold}"
+    done = [folder / need for need in ("checkpoint_final.pth", "progress.png",
+                                       "validation/summary.json")]
+    if settings.resume and all(p.is_file() for p in done):
+        log.info("fold %s already trained in %s: reused", fold, folder)
+        return folder
+    log_name = f"train_fold_{fold}.log"
+    if settings.resume and (folder / "checkpoint_latest.pth").is_file():
+        log_name = f"train_fold_{fold}_resumed_{time.strftime('%Y%m%dT%H%M%S')}.log"
+    _run_worker("train", cfg, env, dirs.root / "logs" / log_name)
     for need in ("checkpoint_final.pth", "progress.png", "validation/summary.json"):
         if not (folder / need).is_file():
             msg = f"{folder}: training finished without {need}"
@@ -965,13 +1001,24 @@ def train_model(
     t0, c0 = time.perf_counter(), _cpu_seconds()
     stages: dict[str, float] = {}
 
-    t = time.perf_counter()
-    write_raw_dataset(cases, table, dirs, settings)
-    stages["convert"] = time.perf_counter() - t
-    t = time.perf_counter()
-    plans_identifier = plan_and_preprocess(dirs, settings)
-    _write_splits(dirs, settings, [c.case_id for c in cases])
-    stages["plan_preprocess"] = time.perf_counter() - t
+    stamp_file = dirs.root / "prepared.json"
+    stamp = _prepared_stamp(cases, table, settings)
+    prepared = json.loads(stamp_file.read_text(encoding="utf-8")) if stamp_file.is_file() else {}
+    if settings.resume and prepared.get("stamp") == stamp:
+        plans_identifier = str(prepared["plans_identifier"])
+        log.info("resume: raw dataset and preprocessed data unchanged, reused (%s)", stamp_file)
+        stages["convert"] = stages["plan_preprocess"] = 0.0
+    else:
+        stamp_file.unlink(missing_ok=True)
+        t = time.perf_counter()
+        write_raw_dataset(cases, table, dirs, settings)
+        stages["convert"] = time.perf_counter() - t
+        t = time.perf_counter()
+        plans_identifier = plan_and_preprocess(dirs, settings)
+        _write_splits(dirs, settings, [c.case_id for c in cases])
+        stages["plan_preprocess"] = time.perf_counter() - t
+        atomic_write_text(stamp_file, json.dumps({"stamp": stamp,
+                                                  "plans_identifier": plans_identifier}))
     trainer = _trainer_name(settings, table)
     t = time.perf_counter()
     for fold in settings.folds:
@@ -996,6 +1043,23 @@ def train_model(
     validation = _validation_table(trainer_dir, settings.folds, table)
     return TrainResult(Path(out_zip), trainer_dir, validation, time.perf_counter() - t0,
                        _cpu_seconds() - c0, stages)
+
+
+def _prepared_stamp(cases: Sequence[TrainingCase], labels: LabelTable,
+                    settings: TrainSettings) -> str:
+    """Checksum of what the raw and preprocessed datasets depend on (for ``resume``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for case in cases:
+        for path in (Path(case.image), Path(case.mask)):
+            st = path.stat()
+            h.update(f"{case.case_id}|{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    keep = {k: v for k, v in asdict(settings).items()
+            if k in ("dataset_id", "dataset_name", "configuration", "validation_cases",
+                     "planner", "small_network", "reader")}
+    h.update(json.dumps([labels_document(labels), keep], sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def _settings_dict(settings: TrainSettings, trainer: str, plans: str) -> dict[str, Any]:

@@ -419,3 +419,68 @@ def test_splits_single_split_and_stale_removal(tmp_path):
                                           validation_cases=("z",)), ["a"])
     _write_splits(dirs, TrainSettings(dataset_id=600, dataset_name="S"), ["a", "b", "c"])
     assert not target.exists()  # nnU-Net makes its own 5-fold split of the current cases
+
+
+def test_reader_and_resume_settings(tmp_path):
+    with pytest.raises(ConfigError, match="reader"):
+        TrainSettings(reader="ITKReader")
+    with pytest.raises(ConfigError, match="save_every"):
+        TrainSettings(save_every=0)
+    cases = [_pair(tmp_path / "src", f"c{i}") for i in range(2)]
+    dirs = NnunetDirs(tmp_path / "work")
+    settings = TrainSettings(dataset_id=513, dataset_name="R", reader="NibabelIOWithReorient")
+    folder = write_raw_dataset(cases, LABELS, dirs, settings)
+    ds = json.loads((folder / "dataset.json").read_text())
+    assert ds["overwrite_image_reader_writer"] == "NibabelIOWithReorient"
+    plain = write_raw_dataset(cases, LABELS, dirs, TrainSettings(dataset_id=514, dataset_name="R"))
+    assert "overwrite_image_reader_writer" not in json.loads((plain / "dataset.json").read_text())
+
+
+def test_prepared_stamp_follows_cases_and_settings(tmp_path):
+    from helpers.training import _prepared_stamp
+
+    cases = [_pair(tmp_path / "src", f"c{i}") for i in range(2)]
+    s = TrainSettings(dataset_id=515, dataset_name="R")
+    a = _prepared_stamp(cases, LABELS, s)
+    assert _prepared_stamp(cases, LABELS, s) == a
+    # training length does not touch the prepared data; the reader and the cases do
+    assert _prepared_stamp(cases, LABELS, TrainSettings(dataset_id=515, dataset_name="R",
+                                                        epochs=3)) == a
+    assert _prepared_stamp(cases, LABELS, TrainSettings(
+        dataset_id=515, dataset_name="R", reader="NibabelIO")) != a
+    assert _prepared_stamp(cases[:1], LABELS, s) != a
+    img = nib.load(cases[0].image)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 1, img.affine), cases[0].image)
+    assert _prepared_stamp(cases, LABELS, s) != a
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Train 2 epochs, lose the final checkpoint (as if killed after epoch 2), resume to 3:
+    the raw and preprocessed data are reused and training restarts at epoch 2, not 0."""
+    from helpers.training import train_model
+
+    monkeypatch.setenv("ESMA_CACHE", str(tmp_path / "cache"))
+    cases, labels, _ = make_training_set(tmp_path / "cases", 2, 2, seed=9)
+    kw = {"dataset_id": 988, "dataset_name": "EsmaResume", "folds": (0,),
+          "validation_cases": (cases[0].case_id,),
+          "small_network": SmallNetwork(features=(4, 8, 16), batch_size=2),
+          "iterations_per_epoch": 2, "val_iterations_per_epoch": 1, "device": "cpu",
+          "num_threads": 1, "da_workers": 1, "preprocess_workers": 1,
+          "reader": "NibabelIOWithReorient", "resume": True, "save_every": 1}
+    first = train_model(cases, labels, tmp_path / "work", tmp_path / "m.zip",
+                        TrainSettings(epochs=2, **kw))
+    fold = first.trainer_dir / "fold_0"
+    (fold / "checkpoint_final.pth").unlink()
+    second = train_model(cases, labels, tmp_path / "work", tmp_path / "m.zip",
+                         TrainSettings(epochs=3, **kw))
+    assert second.stage_seconds["convert"] == 0.0
+    logs = sorted((tmp_path / "work" / "logs").glob("train_fold_0_resumed_*.log"))
+    assert len(logs) == 1
+    text = logs[0].read_text()
+    assert "resuming from" in text
+    assert "at epoch 2" in text
+    assert "Epoch 2" in text
+    assert "Epoch 0" not in text
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert load_model(second.model_zip).reader == "NibabelIOWithReorient"
