@@ -392,3 +392,14 @@ def test_ingest_cohort_is_what_the_ingest_wrote(study_dir):
     # a listed image gone: not taken as ingested (the ingest runs again first)
     (out / "sub-01_T2w.nii.gz").unlink()
     assert load_study(path).subjects == ()
+
+
+@pytest.mark.parametrize("name", ["starter", "demo"])
+def test_bundled_model_by_name(study_dir, name):
+    from helpers.segment import BUNDLED_MODELS
+
+    study = load_study(_write(study_dir, {**BASE, "model": name}))
+    assert study.model == BUNDLED_MODELS[name]
+    assert study.model.is_file()
+    # a file of that name in the study folder is not what the name means
+    assert "model not found" in _error(study_dir, {**BASE, "model": "starter.zip"})
