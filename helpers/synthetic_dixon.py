@@ -83,7 +83,7 @@ def make_dixon_phantom(
     *,
     signal: float = 1000.0,
     noise: str = "none",
-    snr: float = 50.0,
+    dixon_snr: float = 50.0,
     dixon_bias_lr: float = 0.25,
     water_other: float = 0.8,
     swap: bool = False,
@@ -100,8 +100,9 @@ def make_dixon_phantom(
         Signal ``S`` of pure fat and of lean muscle water (image units).
     noise : {"none", "rician", "gaussian"}
         Noise model of both images (see the module docstring).
-    snr : float
-        ``S / sigma`` of the noise (ignored for ``"none"``).
+    dixon_snr : float
+        ``S / sigma`` of the Dixon noise (ignored for ``"none"``); the T2-like image's own
+        noise is ``snr`` of :func:`~helpers.synthetic.make_phantom`.
     dixon_bias_lr : float
         Left-right coil shading shared by both images: ``1 + dixon_bias_lr`` at the patient's
         right edge of a 240 mm field, ``1 - dixon_bias_lr`` at the left (fractions cancel it).
@@ -122,8 +123,8 @@ def make_dixon_phantom(
     if noise not in NOISE_KINDS:
         msg = f"noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}"
         raise ConfigError(msg)
-    if not (signal > 0 and snr > 0):
-        msg = f"signal and snr must be positive, got {signal!r} and {snr!r}"
+    if not (signal > 0 and dixon_snr > 0):
+        msg = f"signal and dixon_snr must be positive, got {signal!r} and {dixon_snr!r}"
         raise ConfigError(msg)
     ph = make_phantom(subject, **phantom_kwargs)
     f = np.asarray(ph.fat_fraction, dtype=np.float64)
@@ -138,7 +139,7 @@ def make_dixon_phantom(
     water_img = (1.0 - f) * signal * water_level * bias
     seed = int(phantom_kwargs.get("seed", 0)) if dixon_seed is None else int(dixon_seed)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 18]))
-    sigma = signal / snr
+    sigma = signal / dixon_snr
     if noise == "rician":
         water_img = np.hypot(water_img + rng.normal(0, sigma, f.shape), rng.normal(0, sigma, f.shape))
         fat_img = np.hypot(fat_img + rng.normal(0, sigma, f.shape), rng.normal(0, sigma, f.shape))
@@ -147,7 +148,7 @@ def make_dixon_phantom(
         fat_img = fat_img + rng.normal(0, sigma, f.shape)
     if swap:
         water_img, fat_img = fat_img, water_img
-    params = {"signal": signal, "noise": noise, "snr": snr if noise != "none" else None,
+    params = {"signal": signal, "noise": noise, "snr": dixon_snr if noise != "none" else None,
               "noise_sigma": sigma if noise != "none" else 0.0, "dixon_bias_lr": dixon_bias_lr,
               "water_other": water_other, "swap": swap, "dixon_seed": seed}
 

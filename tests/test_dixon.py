@@ -91,7 +91,7 @@ def test_noise_free_dixon_is_exact(orientation, clean_lps):
     ("rician", 50.0, "rician", "example"),
 ])
 def test_noisy_dixon_within_one_point(noise, snr, correction, template):
-    dp = make_dixon_phantom("dx-noisy", template=template, seed=5, noise=noise, snr=snr)
+    dp = make_dixon_phantom("dx-noisy", template=template, seed=5, noise=noise, dixon_snr=snr)
     res = _measure(dp, dixon=DixonSettings(noise_correction=correction))
     agg = _against_truth(res, dp.phantom)
     ok = agg["n_slices_t"] > 0
@@ -107,7 +107,7 @@ def test_noisy_dixon_within_one_point(noise, snr, correction, template):
 def test_magnitude_noise_floor_biases_plain_mean_upwards():
     """The known limit the README states: plain F/(W+F) of magnitude images at SNR 50 reads
     lean muscle about 2 points too fat; the Rician correction removes most of it."""
-    dp = make_dixon_phantom("dx-rice", template="small", seed=3, noise="rician", snr=50.0)
+    dp = make_dixon_phantom("dx-rice", template="small", seed=3, noise="rician", dixon_snr=50.0)
     plain = _against_truth(_measure(dp), dp.phantom)
     fixed = _against_truth(_measure(dp, dixon=DixonSettings(noise_correction="rician")),
                            dp.phantom)
