@@ -62,6 +62,9 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         args.image, args.mask, args.labels, subject=args.subject, settings=settings,
         levels_path=args.levels,
     )
+    from helpers.contrast import contrast_from_name  # issue 18: record what was measured
+
+    result.reference["contrast"] = contrast_from_name(args.image)
     paths = write_result(result, args.out)
     n_flagged = int((result.metrics["flags"].str.contains("absent|truncated", regex=True)).sum())
     log.info(

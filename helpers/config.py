@@ -890,10 +890,14 @@ def _from_ingest(v: _Validator, spec: IngestSpec) -> list[SubjectFiles]:
         return []
     if not {"status", "image"} <= set(table.columns):
         return []
-    images = [spec.out / name for name in table.loc[table["status"] == "written", "image"]]
+    written = table[table["status"] == "written"]
+    images = [spec.out / name for name in written["image"]]
     if not all(p.is_file() for p in images):
         return []
-    return _unique(v, [SubjectFiles(subject_from_filename(p), p.resolve()) for p in images])
+    # the contrast the DICOM header gave (issue 18); older ingest tables lack the column
+    contrasts = list(written["contrast"]) if "contrast" in written.columns else [""] * len(images)
+    return _unique(v, [SubjectFiles(subject_from_filename(p), p.resolve(), contrast=c)
+                       for p, c in zip(images, contrasts, strict=True)])
 
 
 def _clinical(v: _Validator, spec: object) -> ClinicalSpec | None:
@@ -1074,12 +1078,12 @@ def _beside(image: Path, kind: str) -> Path | None:
     return None
 
 
-def _normal_contrast(v: _Validator, key: str, value: str) -> str:
+def _normal_contrast(v: _Validator, key: str, value: str, what: str = "") -> str:
     text = value.strip()
     for c in CONTRASTS:
         if text.lower() == c.lower():
             return c
-    v.fail(key, f"contrast {value!r} is not one of {', '.join(CONTRASTS)}: esma measures fat on "
+    v.fail(key, f"{what}{value!r} is not one of {', '.join(CONTRASTS)}: esma measures fat on "
                 "fat-bright T1- or T2-weighted images without fat suppression and on Dixon "
                 "water/fat pairs, and refuses fat-suppressed (FS, STIR, SPAIR), PD and other ones")
     return ""  # pragma: no cover - v.fail raises
@@ -1102,7 +1106,8 @@ def _contrasts(
     out = []
     for s in subjects:
         water, fat = s.water, s.fat
-        given = _normal_contrast(v, "images", s.contrast) if s.contrast else ""
+        given = (_normal_contrast(v, "images", s.contrast, f"{s.subject}: contrast ")
+                 if s.contrast else "")
         if water is None and fat is None and given in ("", "dixon"):
             water, fat = _beside(s.image, "water"), _beside(s.image, "fat")
             if (water is None) != (fat is None):

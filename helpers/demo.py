@@ -267,6 +267,9 @@ def _study_yaml(spec: DemoSpec, model: Path | None, folder: Path) -> str:
         doc["segmentation"] = {"device": "cpu", "fast": True}
     doc["clinical"] = {"path": "inputs/clinical.csv"}
     doc["metrics"] = {"bias_correction": True}
+    if spec.include_example:
+        # the real example is T1-weighted, the phantoms T2-like: both fat-bright (issue 18)
+        doc["mixed_contrast"] = True
     # the demo's stacks cut through the muscles by design: touching the first/last slice is
     # expected there, not a finding
     doc["qc"] = {"z_edge_status": "pass"}

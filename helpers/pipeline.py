@@ -1033,6 +1033,7 @@ def build_manifest(
             "uses_given_masks": study.uses_given_masks,
         },
         "n_subjects": len(study.subjects),
+        "contrasts": _contrast_counts(study),
         "notebooks": [
             {
                 "name": r.name,
@@ -1122,7 +1123,7 @@ code, pre {{ font-size: 0.85em; }} details {{ margin-bottom: 1em; }}
 <p>{description}</p>
 <p>Status: <b>{e(status)}</b> (exit code {manifest["exit_code"]}); started
 {e(manifest["started_utc"])} UTC; {manifest["seconds"]:.1f} s;
-{manifest["n_subjects"]} subjects; esma {e(manifest["esma_version"])}
+{manifest["n_subjects"]} subjects{e(_contrast_text(manifest))}; esma {e(manifest["esma_version"])}
 {("(git " + e(str(manifest["git_commit"])[:12]) + ")") if manifest["git_commit"] else ""}.</p>
 <p>Subjects appear by their pseudonymous study ID only.</p>
 <h2>Reports</h2>
@@ -2190,6 +2191,7 @@ def metrics_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> Me
     done = measured.loc[measured["status"] != "failed", "subject"].tolist()
     metrics, asymmetry = load_measurements(paths, done)
     asymmetry = _add_convex_concave(study, asymmetry)
+    metrics, asymmetry = _with_contrast(study, metrics, asymmetry)
     atomic_write_text(paths.file("metrics.csv"), metrics.to_csv(index=False))
     atomic_write_text(paths.file("asymmetry.csv"), asymmetry.to_csv(index=False))
     status = pd.concat(
@@ -2296,6 +2298,7 @@ def statistics_stage(study: Study, paths: RunPaths) -> StatsOutputs:
         "covariates": covariates,
     }
     correlations = stats.correlation_table(asymmetry, scores, family=spec.family, **kwargs)
+    by_contrast = _correlations_by_contrast(paths, asymmetry, scores, spec.family, kwargs)
     interactions = stats.interaction_table(asymmetry, scores, **kwargs)
     t1 = stats.table1(analysed.reset_index(drop=True))
     tables = {
@@ -2309,6 +2312,7 @@ def statistics_stage(study: Study, paths: RunPaths) -> StatsOutputs:
     files = {}
     for name in ("table1", "correlations", "interactions", "scores", "unmatched"):
         files[name] = atomic_write_text(paths.file(f"{name}.csv"), tables[name].to_csv(index=False))
+    files.update(by_contrast)
     notes = report.caveats_markdown(study.metrics_settings().to_dict())
     files.update(
         report.write_tables(
@@ -2398,3 +2402,43 @@ def _measure_dixon_task(task: MeasureTask, settings: Any) -> Any:
         task.water, task.fat, task.mask, task.labels, subject=task.subject, settings=settings,
         dixon=DixonSettings.from_mapping(dict(task.dixon)), levels_path=task.levels,
     )
+
+
+def _study_contrasts(study: Study) -> dict[str, str]:
+    return {s.subject: getattr(s, "contrast", "") for s in study.subjects}
+
+
+def _contrast_counts(study: Study) -> dict[str, int]:
+    from helpers.contrast import contrast_counts
+
+    return contrast_counts(_study_contrasts(study))
+
+
+def _contrast_text(manifest: Mapping[str, Any]) -> str:
+    """`` (24 T2w, 1 T1w)``: the subjects per contrast for the index page."""
+    counts = manifest.get("contrasts") or {}
+    return f" ({', '.join(f'{n} {c}' for c, n in counts.items())})" if counts else ""
+
+
+def _with_contrast(
+    study: Study, metrics: pd.DataFrame, asymmetry: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cohort tables with each subject's contrast as their last column."""
+    from helpers.contrast import add_contrast
+
+    contrasts = _study_contrasts(study)
+    return add_contrast(metrics, contrasts), add_contrast(asymmetry, contrasts)
+
+
+def _correlations_by_contrast(
+    paths: RunPaths, asymmetry: pd.DataFrame, scores: pd.DataFrame, family: str,
+    kwargs: Mapping[str, Any],
+) -> dict[str, Path]:
+    """``correlations_by_contrast.csv`` when the cohort mixes contrasts (else nothing)."""
+    from helpers.contrast import correlations_by_contrast
+
+    if "contrast" not in asymmetry.columns or asymmetry["contrast"].nunique() < 2:
+        return {}
+    table = correlations_by_contrast(asymmetry, scores, family=family, **kwargs)
+    path = paths.file("correlations_by_contrast.csv")
+    return {"correlations_by_contrast": atomic_write_text(path, table.to_csv(index=False))}

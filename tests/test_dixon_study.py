@@ -111,9 +111,19 @@ def test_pipeline_measures_dixon_subjects_from_the_pair(cohort):
             assert err < 0.1
         else:
             assert set(m["method"]) == {"unmix"}
-    # a changed fat image is measured again; the unchanged subjects are reused
+    # unchanged subjects are reused
     status2 = pipeline.measure_stage(study, paths, segmentation, progress=False)
     assert set(status2["status"]) == {"reused"}
+    # the cohort tables carry each subject's contrast; the index page counts them
+    out = pipeline.metrics_stage(study, paths, progress=False)
+    asym = pd.read_csv(paths.file("asymmetry.csv"))
+    assert list(asym.columns)[-1] == "contrast"
+    assert dict(zip(asym["subject"], asym["contrast"], strict=False)) == {
+        "sub-d1": "dixon", "sub-d2": "dixon", "sub-t1": "T2w"}
+    assert set(out.metrics["contrast"]) == {"dixon", "T2w"}
+    counts = pipeline._contrast_counts(study)
+    assert counts == {"T2w": 1, "dixon": 2}
+    assert pipeline._contrast_text({"contrasts": counts}) == " (1 T2w, 2 dixon)"
 
 
 def test_segmentation_input_is_the_sum_by_default(cohort, tmp_path):
