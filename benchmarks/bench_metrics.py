@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         small = make_phantom("bench-small", seed=3, template="small", bias_lr=0.3)
         small_paths = write_phantom(small, tmp / "small")
         example = {
-            "image": EXAMPLE / "sub-0001_T2w.nii.gz",
-            "mask": EXAMPLE / "sub-0001_T2w_dseg.nii.gz",
+            "image": EXAMPLE / "sub-0001_T1w.nii.gz",
+            "mask": EXAMPLE / "sub-0001_T1w_dseg.nii.gz",
             "labels": EXAMPLE / "labels.json",
         }
 

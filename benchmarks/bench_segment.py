@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         images = work / "images"
         images.mkdir()
         refs = {}
-        shutil.copy(example / "sub-0001_T2w.nii.gz", images / "sub-0001_T2w.nii.gz")
-        refs["sub-0001"] = example / "sub-0001_T2w_dseg.nii.gz"
+        shutil.copy(example / "sub-0001_T1w.nii.gz", images / "sub-0001_T2w.nii.gz")
+        refs["sub-0001"] = example / "sub-0001_T1w_dseg.nii.gz"
         for c in held:
             shutil.copy(c.image, images / c.image.name)
             refs[subject_from_filename(c.image)] = c.mask

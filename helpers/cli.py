@@ -28,7 +28,8 @@ EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
 # --------------------------------------------------------------------------- metrics (issue 2)
 def _add_metrics(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("metrics", help="measure CSA, fat infiltration and asymmetry of one scan")
-    p.add_argument("--image", required=True, type=Path, help="axial T2 image (.nii/.nii.gz)")
+    p.add_argument("--image", type=Path,
+                   help="axial fat-bright image, T1w or T2w without fat suppression (.nii/.nii.gz)")
     p.add_argument("--mask", required=True, type=Path, help="muscle label mask on the same grid")
     p.add_argument("--labels", required=True, type=Path, help="label JSON file")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -40,12 +41,17 @@ def _add_metrics(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-bias-correction", action="store_true", help="skip N4 bias correction")
     p.add_argument("--levels", type=Path, help="CSV slice->vertebral level table")
+    _add_dixon_metrics_args(p)
     p.set_defaults(func=_cmd_metrics)
 
 
 def _cmd_metrics(args: argparse.Namespace) -> int:
     from helpers.metrics import MetricsSettings, measure_files, write_result
 
+    if _dixon_requested(args):
+        return _cmd_metrics_dixon(args)
+    if args.image is None:
+        args.parser.error("give --image (one fat-bright image) or --water and --fat (Dixon)")
     options: dict[str, object] = {}
     if args.fat_method is not None:
         options["fat_method"] = args.fat_method
@@ -56,6 +62,9 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         args.image, args.mask, args.labels, subject=args.subject, settings=settings,
         levels_path=args.levels,
     )
+    from helpers.contrast import contrast_from_name  # issue 18: record what was measured
+
+    result.reference["contrast"] = contrast_from_name(args.image)
     paths = write_result(result, args.out)
     n_flagged = int((result.metrics["flags"].str.contains("absent|truncated", regex=True)).sum())
     log.info(
@@ -66,6 +75,57 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     if n_flagged:
         log.warning("%d rows are NaN or partial (flags absent/truncated): see metrics.csv",
                     n_flagged)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ Dixon metrics (issue 18)
+def _add_dixon_metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--water", type=Path, help="Dixon water image (with --fat, instead of --image)")
+    p.add_argument("--fat", type=Path, help="Dixon fat image, on the water image's grid")
+    p.add_argument("--dixon-erode-mm", type=float, default=None,
+                   help="Dixon: leave voxels within this many mm of the muscle border out of "
+                        "fat_pct (default 0: every voxel)")
+    p.add_argument("--dixon-noise-correction", choices=("none", "rician"), default=None,
+                   help="Dixon: take the magnitude noise floor off first (default none)")
+    p.set_defaults(parser=p)
+
+
+def _dixon_requested(args: argparse.Namespace) -> bool:
+    dixon_only = (args.dixon_erode_mm, args.dixon_noise_correction)
+    if args.water is None and args.fat is None:
+        if any(v is not None for v in dixon_only):
+            args.parser.error("--dixon-* options need --water and --fat")
+        return False
+    if args.water is None or args.fat is None:
+        args.parser.error("--water and --fat go together (a Dixon pair)")
+    if args.image is not None:
+        args.parser.error("give either --image or --water and --fat, not both")
+    if args.fat_method is not None or args.no_bias_correction:
+        args.parser.error("--fat-method and --no-bias-correction do not apply to a Dixon pair")
+    return True
+
+
+def _cmd_metrics_dixon(args: argparse.Namespace) -> int:
+    from helpers.dixon import DixonSettings, measure_dixon_files
+    from helpers.metrics import write_result
+
+    options: dict[str, object] = {}
+    if args.dixon_erode_mm is not None:
+        options["erode_mm"] = args.dixon_erode_mm
+    if args.dixon_noise_correction is not None:
+        options["noise_correction"] = args.dixon_noise_correction
+    dixon = DixonSettings.from_mapping(options)
+    result = measure_dixon_files(
+        args.water, args.fat, args.mask, args.labels, subject=args.subject, dixon=dixon,
+        levels_path=args.levels,
+    )
+    paths = write_result(result, args.out)
+    log.info("%s: %d metric rows, %d asymmetry rows (dixon) -> %s", result.reference["subject"],
+             len(result.metrics), len(result.asymmetry), paths["metrics"].parent)
+    flagged = result.metrics["flags"].str.contains("dixon_low_signal|possible_water_fat_swap")
+    if flagged.any():
+        log.warning("%d rows flagged dixon_low_signal or possible_water_fat_swap: see "
+                    "metrics.csv", int(flagged.sum()))
     return EXIT_OK
 
 

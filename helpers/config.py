@@ -56,6 +56,11 @@ Every key (:data:`STUDY_KEYS`)::
       secret: ../private/pseudonym_key.secret   # optional (default: key with suffix .secret)
       rules: {allow_fat_suppressed: false, max_axial_angle_deg: 30}
                                    # helpers.dicom.IngestRules
+    dixon: {segment_on: sum, erode_mm: 0}   # helpers.dixon.DixonSettings; Dixon subjects have
+                                   # *_water/*_fat.nii.gz beside the image or manifest columns
+                                   # water, fat
+    contrast: T2w                  # for images whose name (_T1w/_T2w) or manifest does not say
+    mixed_contrast: false          # true: allow T1w, T2w and Dixon subjects in one cohort
 
 With ``ingest:`` the cohort is what the ingest wrote (``<out>/ingest.csv``, rows with status
 ``written``); before the first ingest the study has no subject yet (``esma run`` ingests first,
@@ -116,6 +121,9 @@ STUDY_KEYS: dict[str, str] = {
     "executor": "how per-subject work runs (kind: sequential | processes | dask, ...)",
     "output": "output folder; runs go to OUTPUT/<run-id>/ (default reports/<study>)",
     "ingest": "DICOM export to ingest instead of images: {dicom, out, key, secret, rules}",
+    "dixon": "Dixon water/fat settings (segment_on: sum | water | fat | image, erode_mm, ...)",
+    "contrast": "contrast of images whose name or manifest row does not say: T1w | T2w",
+    "mixed_contrast": "true to allow a cohort mixing T1w, T2w and Dixon subjects (default false)",
 }
 REQUIRED_KEYS = ("study", "images", "labels")
 #: Keys of the ``ingest`` section (``dicom`` and ``key`` required).
@@ -173,6 +181,11 @@ class SubjectFiles:
         Manual mask for the QC Dice check.
     levels : Path or None
         Slice -> vertebral level CSV.
+    water, fat : Path or None
+        Dixon water and fat images (issue 18): fat is then measured as ``F / (W + F)``.  A
+        subject given only as a Dixon pair has ``image`` = its water image (for displays).
+    contrast : str
+        ``T1w``, ``T2w`` or ``dixon`` (see :data:`CONTRASTS`); ``""`` when nothing says.
     """
 
     subject: str
@@ -180,6 +193,9 @@ class SubjectFiles:
     mask: Path | None = None
     manual_mask: Path | None = None
     levels: Path | None = None
+    water: Path | None = None
+    fat: Path | None = None
+    contrast: str = ""
 
 
 @dataclass(frozen=True)
@@ -319,6 +335,8 @@ class Study:
     description: str = ""
     images_spec: str = ""
     ingest: IngestSpec | None = None
+    dixon: dict[str, Any] = field(default_factory=dict)
+    mixed_contrast: bool = False
 
     @property
     def subject_ids(self) -> list[str]:
@@ -349,7 +367,8 @@ class Study:
         raise ConfigError(msg)
 
     def cohort_table(self) -> pd.DataFrame:
-        """The cohort as a DataFrame (subject, image, mask, manual_mask, levels; str paths)."""
+        """The cohort as a DataFrame (subject, image, mask, manual_mask, levels, water, fat,
+        contrast; str paths)."""
         rows = [
             {
                 "subject": s.subject,
@@ -357,10 +376,14 @@ class Study:
                 "mask": "" if s.mask is None else str(s.mask),
                 "manual_mask": "" if s.manual_mask is None else str(s.manual_mask),
                 "levels": "" if s.levels is None else str(s.levels),
+                "water": "" if s.water is None else str(s.water),
+                "fat": "" if s.fat is None else str(s.fat),
+                "contrast": s.contrast,
             }
             for s in self.subjects
         ]
-        return pd.DataFrame(rows, columns=["subject", "image", "mask", "manual_mask", "levels"])
+        return pd.DataFrame(rows, columns=["subject", "image", "mask", "manual_mask", "levels",
+                                           "water", "fat", "contrast"])
 
     def metrics_settings(self) -> Any:
         """:class:`helpers.metrics.MetricsSettings` built from the ``metrics`` section."""
@@ -454,6 +477,7 @@ def parse_study(document: object, source: str | Path) -> Study:
         v, "manual_masks", document.get("manual_masks"), subjects, _MASK_SUFFIXES, "manual_mask"
     )
     subjects = _attach(v, "levels", document.get("levels"), subjects, _LEVELS_SUFFIXES, "levels")
+    dixon, mixed_contrast, subjects = _contrasts(v, document, subjects)
 
     model = None
     if document.get("model") is not None:
@@ -494,6 +518,8 @@ def parse_study(document: object, source: str | Path) -> Study:
         description=description,
         images_spec=images_spec,
         ingest=ingest,
+        dixon=dixon,
+        mixed_contrast=mixed_contrast,
     )
 
 
@@ -519,6 +545,10 @@ def resolved_document(study: Study, manifest: str | Path) -> dict[str, Any]:
         "statistics": stats,
         "output": str(study.output),
     }
+    if study.dixon:
+        doc["dixon"] = dict(study.dixon)
+    if study.mixed_contrast:
+        doc["mixed_contrast"] = True
     if study.model is not None:
         doc["model"] = str(study.model)
     if study.clinical is not None:
@@ -665,7 +695,7 @@ def _from_manifest(v: _Validator, path: Path) -> list[SubjectFiles]:
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         v.fail("images", f"{path}: unreadable CSV manifest ({_one_line(exc)})")
     table.columns = [str(c).strip() for c in table.columns]
-    allowed = ("subject", "image", "mask", "manual_mask", "levels")
+    allowed = ("subject", "image", "mask", "manual_mask", "levels", "water", "fat", "contrast")
     extra = [c for c in table.columns if c not in allowed]
     if "image" not in table.columns:
         v.fail(
@@ -691,11 +721,16 @@ def _from_manifest(v: _Validator, path: Path) -> list[SubjectFiles]:
             return p
 
         image = _file("image")
-        if image is None:
-            v.fail("images", f"{path.name} line {line}: empty image")
+        water, fat = _file("water"), _file("fat")
+        if (water is None) != (fat is None):
+            v.fail("images", f"{path.name} line {line}: give both water and fat (a Dixon pair)")
+        if image is None and water is None:
+            v.fail("images", f"{path.name} line {line}: empty image (and no water/fat pair)")
+        image = image if image is not None else water
         subject = str(row.get("subject", "")).strip() or subject_from_filename(image)
         subjects.append(
-            SubjectFiles(subject, image, _file("mask"), _file("manual_mask"), _file("levels"))
+            SubjectFiles(subject, image, _file("mask"), _file("manual_mask"), _file("levels"),
+                         water, fat, str(row.get("contrast", "")).strip())
         )
     return _unique(v, subjects)
 
@@ -858,10 +893,14 @@ def _from_ingest(v: _Validator, spec: IngestSpec) -> list[SubjectFiles]:
         return []
     if not {"status", "image"} <= set(table.columns):
         return []
-    images = [spec.out / name for name in table.loc[table["status"] == "written", "image"]]
+    written = table[table["status"] == "written"]
+    images = [spec.out / name for name in written["image"]]
     if not all(p.is_file() for p in images):
         return []
-    return _unique(v, [SubjectFiles(subject_from_filename(p), p.resolve()) for p in images])
+    # the contrast the DICOM header gave (issue 18); older ingest tables lack the column
+    contrasts = list(written["contrast"]) if "contrast" in written.columns else [""] * len(images)
+    return _unique(v, [SubjectFiles(subject_from_filename(p), p.resolve(), contrast=c)
+                       for p, c in zip(images, contrasts, strict=True)])
 
 
 def _clinical(v: _Validator, spec: object) -> ClinicalSpec | None:
@@ -1013,3 +1052,93 @@ def _preview(items: Sequence[str], n: int = 5) -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+# ------------------------------------------------------------------- contrast, Dixon (issue 18)
+#: The contrasts esma measures fat on: fat-bright T1- or T2-weighted images without fat
+#: suppression, and Dixon water/fat pairs.
+CONTRASTS = ("T1w", "T2w", "dixon")
+_CONTRAST_SUFFIXES = {"_T1w": "T1w", "_T2w": "T2w"}
+
+
+def _stem(image: Path) -> str:
+    name = image.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _beside(image: Path, kind: str) -> Path | None:
+    """``<stem>_water.nii.gz`` / ``_fat`` next to an image (its ``_T1w`` / ``_T2w`` dropped)."""
+    stem = _stem(image)
+    for suffix in _CONTRAST_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    for ext in (".nii.gz", ".nii"):
+        p = image.parent / f"{stem}_{kind}{ext}"
+        if p.is_file():
+            return p.resolve()
+    return None
+
+
+def _normal_contrast(v: _Validator, key: str, value: str, what: str = "") -> str:
+    text = value.strip()
+    for c in CONTRASTS:
+        if text.lower() == c.lower():
+            return c
+    v.fail(key, f"{what}{value!r} is not one of {', '.join(CONTRASTS)}: esma measures fat on "
+                "fat-bright T1- or T2-weighted images without fat suppression and on Dixon "
+                "water/fat pairs, and refuses fat-suppressed (FS, STIR, SPAIR), PD and other ones")
+    return ""  # pragma: no cover - v.fail raises
+
+
+def _contrasts(
+    v: _Validator, document: Mapping[str, Any], subjects: list[SubjectFiles]
+) -> tuple[dict[str, Any], bool, list[SubjectFiles]]:
+    """Dixon pairs beside the images, each subject's contrast, and the mixing rule."""
+    dixon = _delegate(v, "dixon", document.get("dixon"), _dixon_factory)
+    mixed = document.get("mixed_contrast", False)
+    if not isinstance(mixed, bool):
+        v.fail("mixed_contrast", f"must be true or false, got {mixed!r}")
+    default = ""
+    if document.get("contrast") is not None:
+        default = _normal_contrast(v, "contrast", v.string("contrast", document["contrast"]))
+        if default == "dixon":
+            v.fail("contrast", "a Dixon subject is one with water and fat images; give them "
+                               "(manifest columns water, fat or files *_water/*_fat.nii.gz)")
+    out = []
+    for s in subjects:
+        water, fat = s.water, s.fat
+        given = (_normal_contrast(v, "images", s.contrast, f"{s.subject}: contrast ")
+                 if s.contrast else "")
+        if water is None and fat is None and given in ("", "dixon"):
+            water, fat = _beside(s.image, "water"), _beside(s.image, "fat")
+            if (water is None) != (fat is None):
+                found = water or fat
+                v.fail("images", f"{s.subject}: {found.name} has no "
+                                 f"{'fat' if fat is None else 'water'} partner beside it")
+        if water is not None:
+            contrast = "dixon"
+        elif given:
+            contrast = given
+            if contrast == "dixon":
+                v.fail("images", f"{s.subject}: contrast dixon needs water and fat images")
+        else:
+            stem = _stem(s.image)
+            contrast = next((c for suf, c in _CONTRAST_SUFFIXES.items() if stem.endswith(suf)),
+                            default)
+        out.append(dataclasses.replace(s, water=water, fat=fat, contrast=contrast))
+    kinds = sorted({s.contrast or "unspecified" for s in out})
+    if len(kinds) > 1 and not mixed:
+        counts = ", ".join(f"{sum((s.contrast or 'unspecified') == k for s in out)} {k}"
+                           for k in kinds)
+        v.fail("mixed_contrast", f"the cohort mixes contrasts ({counts}); fat fractions from "
+                                 "different contrasts are not interchangeable: set "
+                                 "mixed_contrast: true to allow it (and stratify by contrast)")
+    return dixon, bool(mixed), out
+
+
+def _dixon_factory(options: dict[str, Any]) -> object:
+    from helpers.dixon import DixonSettings
+
+    return DixonSettings.from_mapping(options)

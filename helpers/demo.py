@@ -3,7 +3,7 @@
 ``esma demo`` (:func:`run_demo`) builds, in its folder (default ``reports/demo``)::
 
     inputs/synthetic/<subject>/...   synthetic lumbar T2 phantoms (helpers.synthetic) with truth
-    inputs/example/sub-0001_T2w.nii.gz   the real example scan (sample lumbar T2w scan from the
+    inputs/example/sub-0001_T1w.nii.gz   the real example scan (sample lumbar T2w scan from the
                                      MuscleMap toolbox, MIT) and its model-made reference mask
     inputs/manifest.csv              subject, image, manual_mask (reference masks for QC Dice),
                                      levels
@@ -192,13 +192,13 @@ def build_demo(folder: str | Path, spec: DemoSpec = DemoSpec(), *, rebuild: bool
     if spec.include_example:
         ex = inputs / "example"
         ex.mkdir(parents=True, exist_ok=True)
-        for name in (f"{EXAMPLE_SUBJECT}_T2w.nii.gz", f"{EXAMPLE_SUBJECT}_T2w_dseg.nii.gz"):
+        for name in (f"{EXAMPLE_SUBJECT}_T1w.nii.gz", f"{EXAMPLE_SUBJECT}_T1w_dseg.nii.gz"):
             shutil.copyfile(EXAMPLE_DIR / name, ex / name)
         rows.append(
             {
                 "subject": EXAMPLE_SUBJECT,
-                "image": f"example/{EXAMPLE_SUBJECT}_T2w.nii.gz",
-                "manual_mask": f"example/{EXAMPLE_SUBJECT}_T2w_dseg.nii.gz",
+                "image": f"example/{EXAMPLE_SUBJECT}_T1w.nii.gz",
+                "manual_mask": f"example/{EXAMPLE_SUBJECT}_T1w_dseg.nii.gz",
                 "levels": "",
             }
         )
@@ -267,6 +267,9 @@ def _study_yaml(spec: DemoSpec, model: Path | None, folder: Path) -> str:
         doc["segmentation"] = {"device": "cpu", "fast": True}
     doc["clinical"] = {"path": "inputs/clinical.csv"}
     doc["metrics"] = {"bias_correction": True}
+    if spec.include_example:
+        # the real example is T1-weighted, the phantoms T2-like: both fat-bright (issue 18)
+        doc["mixed_contrast"] = True
     # the demo's stacks cut through the muscles by design: touching the first/last slice is
     # expected there, not a finding
     doc["qc"] = {"z_edge_status": "pass"}

@@ -187,6 +187,7 @@ INGEST_COLUMNS = (
     "echo_time_ms",
     "repetition_time_ms",
     "issues",
+    "contrast",  # what the header says the series is (issue 18): T2w for every series written
 )
 #: Counts of the last ingest into a folder (no identity), read back by :func:`ingest_once`.
 SUMMARY_NAME = "ingest.json"
@@ -1082,6 +1083,7 @@ def _ingest_series(
     if not is_t2:
         issues.append(("not_t2", why))
         return finish("skipped")
+    row["contrast"] = "T2w"  # from the header: the T2 rule above (name or TE/TR)
 
     refusing: set[str] = set()
     fat = detect_fat_suppression(

@@ -1189,16 +1189,21 @@ def tissue_intensities(
     shell_median = float(np.median(arr[shell])) if has_shell else band_median
     probe = min(band_median, shell_median)
     if probe <= muscle_median or fat_mode <= lean_mode:
+        refuse_mask_off_muscle(arr, muscle, affine, body, where, band_median)  # the real cause
         msg = (
             f"fat darker than muscle: fat-suppressed image? (fat around the muscles {probe:.4g} "
             f"vs muscle {muscle_median:.4g}); fat infiltration needs a T2 image without fat "
             "suppression"
         )
         raise InputFileError(where, msg)
-    fat_to_bright = _check_fat_is_bright(
-        arr, body, band if source == "subcutaneous_band" else None, affine,
-        shell_median if has_shell else None, where,
-    )
+    try:
+        fat_to_bright = _check_fat_is_bright(
+            arr, body, band if source == "subcutaneous_band" else None, affine,
+            shell_median if has_shell else None, where,
+        )
+    except InputFileError:
+        refuse_mask_off_muscle(arr, muscle, affine, body, where, band_median)
+        raise
     if fat_mode < 1.5 * lean_mode:
         msg = (
             f"too little fat/muscle contrast to classify fat (subcutaneous fat {fat_mode:.4g} vs "
@@ -1212,6 +1217,83 @@ def tissue_intensities(
         float(lean), float(fat_amp), band_median, n_fat, source, sd, float(lean_mode),
         fat_to_bright,
     )
+
+
+#: A mask with more than this share of its voxels outside the body lies in the air.
+_MASK_MAX_OUTSIDE = 0.5
+#: A mask whose median is at most this many noise sd lies in the air (Rayleigh noise alone has
+#: a median of 1.18 sd).
+_MASK_MAX_NOISE_SD = 1.4
+#: A mask whose median is at least this share of the body's bright level lies in fat.
+_MASK_MAX_BRIGHT = 0.6
+
+
+def refuse_mask_off_muscle(
+    image: NDArray,
+    muscle: NDArray[np.bool_],
+    affine: NDArray[np.float64],
+    body: NDArray[np.bool_] | None,
+    where: str | Path,
+    fat_level: float | None = None,
+) -> None:
+    """Refuse, naming the cause, a mask that does not lie on muscle (issue 18).
+
+    Called where the image would otherwise be refused as fat-suppressed, because a misplaced
+    mask (in the air, or on subcutaneous fat) fails the same checks:
+
+    - more than half of the mask's voxels lie outside the body outline (the mask's voxels
+      count as body, but only the largest connected object is kept, so a mask out in the air
+      is an island that is dropped), or the mask's median is at the noise level of the air
+      around the body (at most 1.4 noise sd; pure noise has a median of 1.18 sd): the mask lies
+      in the air;
+    - the mask's median is at least 60 % of the body's bright tissue level (its 99th
+      percentile), and so is the subcutaneous fat (``fat_level``, when given: the image is
+      fat-bright, not fat-suppressed): the mask lies on fat (or on a muscle too fatty, over
+      about 60 %, to measure on one image).
+
+    Returns silently when neither holds (the caller's message stands).
+
+    Raises
+    ------
+    InputFileError
+        Naming the image and saying that the mask does not lie on muscle.
+    """
+    arr = np.asarray(image, dtype=np.float32)
+    muscle = np.asarray(muscle, dtype=bool)
+    n = int(np.count_nonzero(muscle))
+    if not n:
+        return
+    # The body outline with the mask forced in keeps only the largest connected object: mask
+    # voxels out in the air, away from the body, fall outside it.
+    body = body_mask(arr, affine, muscle) if body is None else np.asarray(body, dtype=bool)
+    outside = 1.0 - float(np.count_nonzero(body & muscle)) / n
+    if outside > _MASK_MAX_OUTSIDE:
+        msg = (
+            f"the mask does not lie on muscle: {100 * outside:.0f} % of its voxels lie in the air "
+            "outside the body (wrong mask for this image, or a flipped or shifted grid?)"
+        )
+        raise InputFileError(where, msg)
+    median = float(np.median(arr[muscle]))
+    sd, source = estimate_noise_sd(arr, body)
+    if source == "background" and median <= _MASK_MAX_NOISE_SD * sd:
+        msg = (
+            f"the mask does not lie on muscle: its voxels are at the noise level of the air "
+            f"around the body (median {median:.4g}, noise sd {sd:.4g}); wrong mask for this "
+            "image, or a flipped or shifted grid?"
+        )
+        raise InputFileError(where, msg)
+    if np.count_nonzero(body) < 100:
+        return
+    bright = float(np.percentile(arr[body], _FS_BRIGHT_PERCENTILE))
+    fat_bright = fat_level is None or fat_level >= _MASK_MAX_BRIGHT * bright
+    if bright > 0 and fat_bright and median >= _MASK_MAX_BRIGHT * bright:
+        msg = (
+            f"the mask does not lie on muscle: its voxels are as bright as fat (median "
+            f"{median:.4g}, {100 * median / bright:.0f} % of the body's bright tissue level "
+            f"{bright:.4g}); wrong mask for this image, or a muscle too fatty (over about 60 %) "
+            "to measure on a single image?"
+        )
+        raise InputFileError(where, msg)
 
 
 def _check_fat_is_bright(

@@ -65,7 +65,8 @@ class Volume:
 
 
 def subject_from_filename(path: str | Path) -> str:
-    """Subject ID from an image file name: drops ``.nii(.gz)``, ``_0000`` and ``_T2w``.
+    """Subject ID from an image file name: drops ``.nii(.gz)``, ``_0000`` and the suffix
+    ``_T2w``, ``_T1w``, ``_water`` or ``_fat``.
 
     Examples
     --------
@@ -80,6 +81,8 @@ def subject_from_filename(path: str | Path) -> str:
             name = name[: -len(suffix)]
             break
     for tag in ("_0000", "_T2w"):
+        name = name.removesuffix(tag)
+    for tag in ("_T1w", "_water", "_fat"):  # the other contrasts (issue 18)
         name = name.removesuffix(tag)
     return name
 

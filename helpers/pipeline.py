@@ -948,7 +948,7 @@ def input_checksums(study: Study) -> list[dict[str, str]]:
             }
         )
     for s in study.subjects:
-        for role in ("image", "mask", "manual_mask", "levels"):
+        for role in ("image", "mask", "manual_mask", "levels", "water", "fat"):
             path = getattr(s, role)
             if path is not None:
                 rows.append(
@@ -1033,6 +1033,7 @@ def build_manifest(
             "uses_given_masks": study.uses_given_masks,
         },
         "n_subjects": len(study.subjects),
+        "contrasts": _contrast_counts(study),
         "notebooks": [
             {
                 "name": r.name,
@@ -1122,7 +1123,7 @@ code, pre {{ font-size: 0.85em; }} details {{ margin-bottom: 1em; }}
 <p>{description}</p>
 <p>Status: <b>{e(status)}</b> (exit code {manifest["exit_code"]}); started
 {e(manifest["started_utc"])} UTC; {manifest["seconds"]:.1f} s;
-{manifest["n_subjects"]} subjects; esma {e(manifest["esma_version"])}
+{manifest["n_subjects"]} subjects{e(_contrast_text(manifest))}; esma {e(manifest["esma_version"])}
 {("(git " + e(str(manifest["git_commit"])[:12]) + ")") if manifest["git_commit"] else ""}.</p>
 <p>Subjects appear by their pseudonymous study ID only.</p>
 <h2>Reports</h2>
@@ -1390,7 +1391,10 @@ def _segment_with_model(
 ) -> list[dict[str, Any]]:
     from helpers.segment import segment_cohort
 
-    staged = {_stage_input(paths, s.subject, s.image): s.subject for s in subjects}
+    staged = {
+        _stage_input(paths, s.subject, _segmentation_input(study, paths, s)): s.subject
+        for s in subjects
+    }
     result = segment_cohort(
         list(staged),
         study.model,
@@ -1524,6 +1528,9 @@ class MeasureTask:
     levels: str | None
     settings: dict[str, Any]
     out_dir: str
+    water: str | None = None  # a Dixon pair (issue 18): fat from F / (W + F)
+    fat: str | None = None
+    dixon: dict[str, Any] = field(default_factory=dict)
 
 
 #: The files whose completion markers say that a subject's stage is finished.
@@ -1559,14 +1566,17 @@ def measure_subject(task: MeasureTask) -> dict[str, Any]:
     if _finished(out, _MEASURE_OUTPUTS, key):
         return {"status": "reused", "seconds": time.perf_counter() - t0}
     settings = MetricsSettings.from_mapping(dict(task.settings))
-    result = measure_files(
-        task.image,
-        task.mask,
-        task.labels,
-        subject=task.subject,
-        settings=settings,
-        levels_path=task.levels,
-    )
+    if task.water is not None:
+        result = _measure_dixon_task(task, settings)
+    else:
+        result = measure_files(
+            task.image,
+            task.mask,
+            task.labels,
+            subject=task.subject,
+            settings=settings,
+            levels_path=task.levels,
+        )
     write_result(result, out)
     for name in _MEASURE_OUTPUTS:
         mark_done(out / name, key)
@@ -1579,7 +1589,7 @@ def measure_done(task: MeasureTask) -> bool:
 
 
 def _measure_key(task: MeasureTask) -> dict[str, Any]:
-    return {
+    key = {
         "esma": __version__,
         "settings": task.settings,
         "image": sha256_file(task.image),
@@ -1588,6 +1598,9 @@ def _measure_key(task: MeasureTask) -> dict[str, Any]:
         "levels": sha256_file(task.levels) if task.levels else None,
         "subject": task.subject,
     }
+    if task.water is not None and task.fat is not None:
+        key.update(_dixon_key(task))
+    return key
 
 
 def labels_for(study: Study, paths: RunPaths, status: str) -> str:
@@ -1674,6 +1687,7 @@ def measure_stage(
             levels=_levels_for(study, str(r.subject)),
             settings=settings,
             out_dir=str(paths.metrics_dir / str(r.subject)),
+            **_dixon_task_fields(study, str(r.subject)),
         )
         for r in ok.itertuples(index=False)
     }
@@ -2177,6 +2191,7 @@ def metrics_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> Me
     done = measured.loc[measured["status"] != "failed", "subject"].tolist()
     metrics, asymmetry = load_measurements(paths, done)
     asymmetry = _add_convex_concave(study, asymmetry)
+    metrics, asymmetry = _with_contrast(study, metrics, asymmetry)
     atomic_write_text(paths.file("metrics.csv"), metrics.to_csv(index=False))
     atomic_write_text(paths.file("asymmetry.csv"), asymmetry.to_csv(index=False))
     status = pd.concat(
@@ -2283,6 +2298,7 @@ def statistics_stage(study: Study, paths: RunPaths) -> StatsOutputs:
         "covariates": covariates,
     }
     correlations = stats.correlation_table(asymmetry, scores, family=spec.family, **kwargs)
+    by_contrast = _correlations_by_contrast(paths, asymmetry, scores, spec.family, kwargs)
     interactions = stats.interaction_table(asymmetry, scores, **kwargs)
     t1 = stats.table1(analysed.reset_index(drop=True))
     tables = {
@@ -2296,6 +2312,7 @@ def statistics_stage(study: Study, paths: RunPaths) -> StatsOutputs:
     files = {}
     for name in ("table1", "correlations", "interactions", "scores", "unmatched"):
         files[name] = atomic_write_text(paths.file(f"{name}.csv"), tables[name].to_csv(index=False))
+    files.update(by_contrast)
     notes = report.caveats_markdown(study.metrics_settings().to_dict())
     files.update(
         report.write_tables(
@@ -2337,3 +2354,91 @@ def _skipped_as_failures(skipped: pd.DataFrame) -> pd.DataFrame:
             {"subject": subject, "stage": "clinical", "error": f"clinical row skipped ({problems})"}
         )
     return pd.DataFrame(rows, columns=FAILURE_COLUMNS)
+
+
+# ------------------------------------------------------------------------ Dixon (issue 18)
+def _segmentation_input(study: Study, paths: RunPaths, subject: Any) -> Path:
+    """The image a subject is segmented on: its image, or for a Dixon subject the image
+    ``dixon.segment_on`` names (default the sum ``W + F``), written to ``work/dixon_seg/``
+    (rewritten only when the pair changed)."""
+    from helpers.dixon import DixonSettings, write_segmentation_image
+
+    if subject.water is None or subject.fat is None:
+        return Path(subject.image)
+    settings = DixonSettings.from_mapping(dict(study.dixon))
+    if settings.segment_on == "image":
+        if Path(subject.image) == Path(subject.water):
+            msg = "dixon.segment_on: 'image' but the subject has no image besides its Dixon pair"
+            raise InputFileError(subject.water, msg)
+        return Path(subject.image)
+    target = paths.work_dir / "dixon_seg" / f"{subject.subject}_{settings.segment_on}.nii.gz"
+    key = {"water": sha256_file(subject.water), "fat": sha256_file(subject.fat),
+           "segment_on": settings.segment_on}
+    from helpers.files import is_done, mark_done
+
+    if not is_done(target, key):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_segmentation_image(subject.water, subject.fat, target, settings.segment_on)
+        mark_done(target, key)
+    return target
+
+
+def _dixon_task_fields(study: Study, subject: str) -> dict[str, Any]:
+    s = study.subject(subject)
+    if s.water is None or s.fat is None:
+        return {}
+    return {"water": str(s.water), "fat": str(s.fat), "dixon": dict(study.dixon)}
+
+
+def _dixon_key(task: MeasureTask) -> dict[str, Any]:
+    return {"water": sha256_file(task.water), "fat": sha256_file(task.fat),
+            "dixon": dict(task.dixon)}
+
+
+def _measure_dixon_task(task: MeasureTask, settings: Any) -> Any:
+    from helpers.dixon import DixonSettings, measure_dixon_files
+
+    return measure_dixon_files(
+        task.water, task.fat, task.mask, task.labels, subject=task.subject, settings=settings,
+        dixon=DixonSettings.from_mapping(dict(task.dixon)), levels_path=task.levels,
+    )
+
+
+def _study_contrasts(study: Study) -> dict[str, str]:
+    return {s.subject: getattr(s, "contrast", "") for s in study.subjects}
+
+
+def _contrast_counts(study: Study) -> dict[str, int]:
+    from helpers.contrast import contrast_counts
+
+    return contrast_counts(_study_contrasts(study))
+
+
+def _contrast_text(manifest: Mapping[str, Any]) -> str:
+    """`` (24 T2w, 1 T1w)``: the subjects per contrast for the index page."""
+    counts = manifest.get("contrasts") or {}
+    return f" ({', '.join(f'{n} {c}' for c, n in counts.items())})" if counts else ""
+
+
+def _with_contrast(
+    study: Study, metrics: pd.DataFrame, asymmetry: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cohort tables with each subject's contrast as their last column."""
+    from helpers.contrast import add_contrast
+
+    contrasts = _study_contrasts(study)
+    return add_contrast(metrics, contrasts), add_contrast(asymmetry, contrasts)
+
+
+def _correlations_by_contrast(
+    paths: RunPaths, asymmetry: pd.DataFrame, scores: pd.DataFrame, family: str,
+    kwargs: Mapping[str, Any],
+) -> dict[str, Path]:
+    """``correlations_by_contrast.csv`` when the cohort mixes contrasts (else nothing)."""
+    from helpers.contrast import correlations_by_contrast
+
+    if "contrast" not in asymmetry.columns or asymmetry["contrast"].nunique() < 2:
+        return {}
+    table = correlations_by_contrast(asymmetry, scores, family=family, **kwargs)
+    path = paths.file("correlations_by_contrast.csv")
+    return {"correlations_by_contrast": atomic_write_text(path, table.to_csv(index=False))}

@@ -7,7 +7,7 @@ requested orientation, so the anatomy, and therefore the truth, never depend on 
 How a phantom is made
 ---------------------
 1. **Muscles.**  The eight paraspinal muscle masks of the real example
-   (``data/example/sub-0001_T2w_dseg.nii.gz``, a sample lumbar T2w scan from the MuscleMap toolbox,
+   (``data/example/sub-0001_T1w_dseg.nii.gz``, a sample lumbar T2w scan from the MuscleMap toolbox,
    MIT) are the template.  They are resampled onto the target grid through a random smooth warp
    (a few mm), an optional axial rotation and an off-centre shift, and each muscle can be scaled
    about its own per-slice centroid (``csa_scale``, an *area* factor).  Overlaps are resolved
@@ -113,7 +113,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_DIR = REPO / "data" / "example"
-EXAMPLE_MASK = EXAMPLE_DIR / "sub-0001_T2w_dseg.nii.gz"
+EXAMPLE_MASK = EXAMPLE_DIR / "sub-0001_T1w_dseg.nii.gz"
 
 #: The label file of the phantoms (same values and names as ``data/example/labels.json``).
 LABELS_DOC: dict[str, Any] = {

@@ -67,8 +67,8 @@ class _Source:
 
 
 def _example() -> _Source:
-    img = load_image(EXAMPLE_DIR / "sub-0001_T2w.nii.gz")
-    msk = load_mask(EXAMPLE_DIR / "sub-0001_T2w_dseg.nii.gz")
+    img = load_image(EXAMPLE_DIR / "sub-0001_T1w.nii.gz")
+    msk = load_mask(EXAMPLE_DIR / "sub-0001_T1w_dseg.nii.gz")
     return _Source(img.data, msk.data, img.affine, load_labels(EXAMPLE_DIR / "labels.json"))
 
 

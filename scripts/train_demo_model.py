@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     # 3. evaluate on held-out synthetic cases and the real example (default settings)
     t = time.perf_counter()
     example = REPO / "data" / "example"
-    images = [c.image for c in held] + [example / "sub-0001_T2w.nii.gz"]
+    images = [c.image for c in held] + [example / "sub-0001_T1w.nii.gz"]
     refs = {subject_from_filename(c.image): c.mask for c in held}
-    refs["sub-0001"] = example / "sub-0001_T2w_dseg.nii.gz"
+    refs["sub-0001"] = example / "sub-0001_T1w_dseg.nii.gz"
     seg_settings = SegmentSettings(device="cpu", num_threads=args.threads)
     runs = segment_cohort(images, work / MODEL_NAME, work / "pred", seg_settings, overwrite=True,
                           progress=False)

@@ -235,7 +235,7 @@ def test_keep_freed_memory_stops_page_faulting_each_subject(example_dir: Path) -
         "from helpers.metrics import MetricsSettings, measure_files\n"
         "ok = keep_freed_memory() if sys.argv[1] == '1' else True\n"
         "d = sys.argv[2]\n"
-        "args = (d + '/sub-0001_T2w.nii.gz', d + '/sub-0001_T2w_dseg.nii.gz', d + '/labels.json')\n"
+        "args = (d + '/sub-0001_T1w.nii.gz', d + '/sub-0001_T1w_dseg.nii.gz', d + '/labels.json')\n"
         "s = MetricsSettings(bias_correction=False)\n"
         "first = measure_files(*args, subject='x', settings=s).metrics\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"

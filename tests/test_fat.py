@@ -253,14 +253,14 @@ def test_fat_suppressed_phantoms_are_refused(small_phantoms, name, scale):
 
 @pytest.fixture(scope="module")
 def example_arrays(example_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
-    image = load_image(example_dir / "sub-0001_T2w.nii.gz")
-    mask = load_mask(example_dir / "sub-0001_T2w_dseg.nii.gz")
+    image = load_image(example_dir / "sub-0001_T1w.nii.gz")
+    mask = load_mask(example_dir / "sub-0001_T1w_dseg.nii.gz")
     return np.asarray(image.data), np.asarray(mask.data) > 0, image.affine, image.zooms_mm
 
 
 def test_real_example_is_not_taken_for_fat_suppressed(example_arrays):
     img, muscle, affine, _ = example_arrays
-    tis = fat.tissue_intensities(img, muscle, affine, path="sub-0001_T2w.nii.gz")
+    tis = fat.tissue_intensities(img, muscle, affine, path="sub-0001_T1w.nii.gz")
     assert 0.7 < tis.fat_to_bright < 0.9
     assert 580 < tis.fat < 680  # its posterior subcutaneous fat: 600-650
 
@@ -274,8 +274,8 @@ def test_real_example_with_suppressed_subcutaneous_fat_is_refused(example_arrays
     fs = np.where(far & (img > 300), img * scale, img).astype(np.float32)
     lean = fat.tissue_intensities(img, muscle, affine).muscle_mode
     assert np.median(fs[far & (img > 300)]) > 5 * lean  # still well above lean muscle
-    with pytest.raises(InputFileError, match=r"sub-0001_T2w\.nii\.gz: " + FAT_SUPPRESSED):
-        fat.tissue_intensities(fs, muscle, affine, path="sub-0001_T2w.nii.gz")
+    with pytest.raises(InputFileError, match=r"sub-0001_T1w\.nii\.gz: " + FAT_SUPPRESSED):
+        fat.tissue_intensities(fs, muscle, affine, path="sub-0001_T1w.nii.gz")
 
 
 # ------------------------------------------------------------------------------ array shapes

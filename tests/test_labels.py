@@ -82,7 +82,7 @@ def test_check_values_names_the_mask_and_unknown_values(example_dir):
 
 @pytest.fixture(scope="module")
 def example(example_dir):
-    img = nib.load(example_dir / "sub-0001_T2w_dseg.nii.gz")
+    img = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz")
     mask = np.asarray(img.dataobj).astype(np.int16)
     return mask, img.affine.copy(), load_labels(example_dir / "labels.json")
 

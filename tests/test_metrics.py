@@ -813,7 +813,7 @@ def test_fast_paths_give_the_numbers_of_the_straightforward_computation(
                                         reference_scope="level", pool_psoas=True)),
         (full, NO_N4),
     ]
-    files = (example_dir / "sub-0001_T2w.nii.gz", example_dir / "sub-0001_T2w_dseg.nii.gz",
+    files = (example_dir / "sub-0001_T1w.nii.gz", example_dir / "sub-0001_T1w_dseg.nii.gz",
              example_dir / "labels.json")
     fast = [_measure_ph(ph, settings) for ph, settings in cases]
     fast.append(measure_files(*files, settings=NO_N4))

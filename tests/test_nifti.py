@@ -55,8 +55,8 @@ def _reorient(data, affine, codes):
 
 
 def test_load_image_and_mask_of_the_example(example_dir):
-    img = load_image(example_dir / "sub-0001_T2w.nii.gz")
-    mask = load_mask(example_dir / "sub-0001_T2w_dseg.nii.gz")
+    img = load_image(example_dir / "sub-0001_T1w.nii.gz")
+    mask = load_mask(example_dir / "sub-0001_T1w_dseg.nii.gz")
     assert img.data.dtype == np.float32
     assert mask.data.dtype == np.int16
     assert img.data.shape == mask.data.shape == (256, 208, 20)
@@ -65,7 +65,7 @@ def test_load_image_and_mask_of_the_example(example_dir):
     # qform only on the image, sform only on the mask: same grid all the same
     check_same_grid(img, mask)
     assert set(np.unique(mask.data)) == set(range(9))
-    raw = np.asarray(nib.load(example_dir / "sub-0001_T2w.nii.gz").dataobj)
+    raw = np.asarray(nib.load(example_dir / "sub-0001_T1w.nii.gz").dataobj)
     assert np.array_equal(img.data, raw.astype(np.float32))
 
 

@@ -202,11 +202,11 @@ def test_invalid_study_stops_before_writing(tmp_path, capsys):
 
 def _tiny_study(tmp_path: Path, example_dir: Path) -> Path:
     shutil.copyfile(example_dir / "labels.json", tmp_path / "labels.json")
-    shutil.copyfile(example_dir / "sub-0001_T2w.nii.gz", tmp_path / "sub-0001_T2w.nii.gz")
-    shutil.copyfile(example_dir / "sub-0001_T2w_dseg.nii.gz", tmp_path / "sub-0001_dseg.nii.gz")
+    shutil.copyfile(example_dir / "sub-0001_T1w.nii.gz", tmp_path / "sub-0001_T1w.nii.gz")
+    shutil.copyfile(example_dir / "sub-0001_T1w_dseg.nii.gz", tmp_path / "sub-0001_dseg.nii.gz")
     study = tmp_path / "study.yml"
     study.write_text(
-        "study: tiny\nimages: '*_T2w.nii.gz'\nlabels: labels.json\n"
+        "study: tiny\nimages: '*_T1w.nii.gz'\nlabels: labels.json\n"
         "masks: '{subject}_dseg.nii.gz'\noutput: out\n"
     )
     return study

@@ -449,8 +449,8 @@ needs_demo = pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="demo model not
 
 
 def _crop_example(example_dir: Path, out_dir: Path, z: slice) -> tuple[Path, Path]:
-    img = nib.load(example_dir / "sub-0001_T2w.nii.gz")
-    msk = nib.load(example_dir / "sub-0001_T2w_dseg.nii.gz")
+    img = nib.load(example_dir / "sub-0001_T1w.nii.gz")
+    msk = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz")
     out_dir.mkdir(parents=True, exist_ok=True)
     img_c, msk_c = img.slicer[:, :, z], msk.slicer[:, :, z]
     nib.save(img_c, out_dir / "crop_T2w.nii.gz")
@@ -500,13 +500,13 @@ def test_demo_model_meets_its_dice_targets(example_dir, tmp_path):
     from helpers.trainset import make_heldout_set
 
     held, _, _ = make_heldout_set(tmp_path / "held", 10, training_seed=1, workers=2)  # the card's
-    images = [example_dir / "sub-0001_T2w.nii.gz"] + [c.image for c in held]
+    images = [example_dir / "sub-0001_T1w.nii.gz"] + [c.image for c in held]
     table = segment_cohort(images, DEMO_MODEL, tmp_path / "out", SegmentSettings(device="cpu"),
                            progress=False)
     assert set(table["status"]) == {"done"}
     labels = load_labels(example_dir / "labels.json")
     real = dice_per_label(load_mask(tmp_path / "out" / "sub-0001.nii.gz").data,
-                          load_mask(example_dir / "sub-0001_T2w_dseg.nii.gz").data, labels.values)
+                          load_mask(example_dir / "sub-0001_T1w_dseg.nii.gz").data, labels.values)
     assert min(real.values()) >= 0.85, real
     got = evaluate_masks({c.case_id: (tmp_path / "out" / f"{c.case_id}.nii.gz", c.mask)
                           for c in held}, labels)
@@ -524,7 +524,7 @@ def test_torch_resampling_of_class_scores_changes_only_boundary_voxels(example_d
     """The fast preset's torch resampling against the model's own, same network and settings:
     the labels agree on all but a few boundary voxels (Dice >= 0.99 per label)."""
     info = load_model(DEMO_MODEL)
-    image = example_dir / "sub-0001_T2w.nii.gz"
+    image = example_dir / "sub-0001_T1w.nii.gz"
     base = SegmentSettings(device="cpu", mirror_tta=False, num_threads=1)
     own, _ = Segmenter(info, base).predict_raw(image)
     fast, _ = Segmenter(info, SegmentSettings(device="cpu", mirror_tta=False, num_threads=1,

@@ -249,8 +249,8 @@ def _outside_body(ph) -> np.ndarray:
 
 
 def test_intensities_resemble_the_example(example_dir, example_lps):
-    real = load_image(example_dir / "sub-0001_T2w.nii.gz").data
-    real_mask = load_mask(example_dir / "sub-0001_T2w_dseg.nii.gz").data
+    real = load_image(example_dir / "sub-0001_T1w.nii.gz").data
+    real_mask = load_mask(example_dir / "sub-0001_T1w_dseg.nii.gz").data
     img = np.asarray(example_lps.image.dataobj)
     mask = np.asarray(example_lps.mask.dataobj)
     # bright tissue (the fat) within 30 % of the real scan's, muscle/fat contrast within 2x

@@ -291,7 +291,7 @@ def test_unsided_merge_keeps_muscles(example_dir):
 
 def test_deformed_example_keeps_world_geometry_and_labels(example_dir):
     img, msk, params = deformed_example("d1", seed=5)
-    src = nib.load(example_dir / "sub-0001_T2w.nii.gz")
+    src = nib.load(example_dir / "sub-0001_T1w.nii.gz")
     assert img.shape == msk.shape
     np.testing.assert_allclose(img.affine, msk.affine)
     assert nib.aff2axcodes(img.affine) == tuple(params["orientation"])
@@ -303,7 +303,7 @@ def test_deformed_example_keeps_world_geometry_and_labels(example_dir):
     values = set(np.unique(np.asarray(msk.dataobj)).tolist())
     assert values == set(range(9))
     # muscle areas changed by the per-muscle factors (roughly), not wholesale
-    src_mask = nib.load(example_dir / "sub-0001_T2w_dseg.nii.gz").slicer[:, :, z0:z1]
+    src_mask = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz").slicer[:, :, z0:z1]
     ref = np.asarray(nib.as_closest_canonical(src_mask).dataobj)
     got = np.asarray(nib.as_closest_canonical(msk).dataobj)
     assert got.shape == ref.shape
