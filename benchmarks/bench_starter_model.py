@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ESMA_CACHE", str(work / "cache"))
     t0 = time.perf_counter()
     cases = heldout_cases(work / "heldout", args.n_heldout)
-    example = {"sub-0001": (EXAMPLE / "sub-0001_T2w.nii.gz", EXAMPLE / "sub-0001_T2w_dseg.nii.gz")}
+    example = {"sub-0001": (EXAMPLE / "sub-0001_T1w.nii.gz", EXAMPLE / "sub-0001_T1w_dseg.nii.gz")}
     models = {"starter": STARTER, "demo": DEMO}
     if LOSO.is_file():
         models["starter_loso"] = LOSO

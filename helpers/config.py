@@ -483,8 +483,8 @@ def parse_study(document: object, source: str | Path) -> Study:
     if document.get("model") is not None:
         from helpers.segment import BUNDLED_MODELS
 
-        name = document["model"]
-        model = BUNDLED_MODELS[name] if name in BUNDLED_MODELS else v.path("model", name)
+        given = document["model"]
+        model = BUNDLED_MODELS[given] if given in BUNDLED_MODELS else v.path("model", given)
         if not model.exists():
             v.fail("model", f"{model}: model not found (a .zip or an nnU-Net results folder)")
     if model is None and not all(s.mask is not None for s in subjects):

@@ -58,8 +58,8 @@ def template_muscles(shared: Path) -> None:
 
 
 def sample_tissues() -> None:
-    im = load_image(EXAMPLE_DIR / "sub-0001_T2w.nii.gz")
-    mk = load_mask(EXAMPLE_DIR / "sub-0001_T2w_dseg.nii.gz")
+    im = load_image(EXAMPLE_DIR / "sub-0001_T1w.nii.gz")
+    mk = load_mask(EXAMPLE_DIR / "sub-0001_T1w_dseg.nii.gz")
     image = reorient(nib.Nifti1Image(im.data, im.affine), "LPS")
     mask = reorient(nib.Nifti1Image(mk.data, im.affine), "LPS")
     spacing = tuple(float(z) for z in image.header.get_zooms()[:3])

@@ -12,7 +12,7 @@ from helpers.scancheck import ScanCheckSettings, check_scan, scan_findings, stac
 from helpers.synthetic import make_phantom, reorient
 from helpers.trainset import EXAMPLE_DIR
 
-EXAMPLE = EXAMPLE_DIR / "sub-0001_T2w.nii.gz"
+EXAMPLE = EXAMPLE_DIR / "sub-0001_T1w.nii.gz"
 
 
 def _rot_x(deg: float) -> np.ndarray:

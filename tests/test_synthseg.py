@@ -70,8 +70,8 @@ def test_template_labelmap_sides_and_body() -> None:
 
 def test_shipped_example_labelmap_matches_its_derivation() -> None:
     """data/labelmaps/musclemap_sample_tissues.nii.gz is what the code derives from the example."""
-    image = reorient(nib.load(EXAMPLE_DIR / "sub-0001_T2w.nii.gz"), "LPS")
-    mask = reorient(nib.Nifti1Image(load_mask(EXAMPLE_DIR / "sub-0001_T2w_dseg.nii.gz").data,
+    image = reorient(nib.load(EXAMPLE_DIR / "sub-0001_T1w.nii.gz"), "LPS")
+    mask = reorient(nib.Nifti1Image(load_mask(EXAMPLE_DIR / "sub-0001_T1w_dseg.nii.gz").data,
                                     image.affine), "LPS")
     spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
     derived = derive_example_labelmap(np.asarray(image.dataobj), np.asarray(mask.dataobj), spacing)
