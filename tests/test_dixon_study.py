@@ -77,6 +77,9 @@ def test_manifest_with_water_and_fat_columns(cohort):
     half.to_csv(root / "half.csv", index=False)
     with pytest.raises(ConfigError, match="line 2: give both water and fat"):
         load_study(_write_study(root, "half", images="half.csv"))
+    with pytest.raises(ConfigError, match=r"dixon\.segment_on: 'image', but .* only a water/fat pair, for sub-d1"):
+        load_study(_write_study(root, "segimg", images="cohort.csv",
+                                dixon={"segment_on": "image"}))
     bad = manifest.drop(columns=["water", "fat"]).assign(
         image=[str(images / "sub-d1_T2w.nii.gz")] * 1 + [str(images / "sub-d2_T2w.nii.gz")],
         contrast=["STIR", "T2w"])
