@@ -146,3 +146,25 @@ def test_segmentation_input_is_the_sum_by_default(cohort, tmp_path):
     target = pipeline._segmentation_input(study, paths, study.subject("sub-d1"))
     assert target.name == "sub-d1_water.nii.gz"
     assert np.allclose(load_image(target).data, w.data, atol=1e-3)
+
+
+def test_bids_folder_pairs_beside_the_image(cohort, tmp_path):
+    import shutil
+
+    images = cohort["images"]
+    anat = tmp_path / "bids" / "sub-d1" / "anat"
+    anat.mkdir(parents=True)
+    for suffix in ("T2w", "water", "fat"):
+        shutil.copyfile(images / f"sub-d1_{suffix}.nii.gz", anat / f"sub-d1_{suffix}.nii.gz")
+    shutil.copytree(images, tmp_path / "images")
+    doc = {"study": "bids", "images": "bids", "labels": "images/labels.json",
+           "masks": "images/{subject}_dseg.nii.gz", "output": "out"}
+    (tmp_path / "bids.yml").write_text(json.dumps(doc))
+    study = load_study(tmp_path / "bids.yml")
+    (s,) = study.subjects
+    assert (s.subject, s.contrast) == ("sub-d1", "dixon")
+    assert s.water == (anat / "sub-d1_water.nii.gz").resolve()
+    assert s.fat == (anat / "sub-d1_fat.nii.gz").resolve()
+    (anat / "sub-d1_fat.nii.gz").unlink()
+    with pytest.raises(ConfigError, match=r"sub-d1_water\.nii\.gz has no fat partner beside it"):
+        load_study(tmp_path / "bids.yml")
