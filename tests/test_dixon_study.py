@@ -168,3 +168,16 @@ def test_bids_folder_pairs_beside_the_image(cohort, tmp_path):
     (anat / "sub-d1_fat.nii.gz").unlink()
     with pytest.raises(ConfigError, match=r"sub-d1_water\.nii\.gz has no fat partner beside it"):
         load_study(tmp_path / "bids.yml")
+
+
+def test_frozen_run_study_keeps_pairs_contrasts_and_settings(cohort, tmp_path):
+    from helpers.config import parse_study, resolved_document
+
+    study = load_study(_write_study(cohort["root"], "frozen", mixed_contrast=True,
+                                    dixon={"segment_on": "water", "erode_mm": 1.0}))
+    manifest = tmp_path / "cohort.csv"
+    study.cohort_table().to_csv(manifest, index=False)
+    again = parse_study(resolved_document(study, manifest), tmp_path / "frozen.yml")
+    assert again.subjects == study.subjects
+    assert again.dixon == {"segment_on": "water", "erode_mm": 1.0}
+    assert again.mixed_contrast is True
