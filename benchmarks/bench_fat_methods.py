@@ -12,7 +12,9 @@ Usage::
 
     .venv/bin/python benchmarks/bench_fat_methods.py [--quick]
 
-``--quick`` uses three phantoms instead of six.
+``--quick`` uses three phantoms instead of six.  ``--breakdown`` instead measures the default
+method on independent phantoms (:func:`independent_phantoms`) and their noise-free twins and
+writes where its worst CDI and LFIAR errors come from to ``results/fat_breakdown.json``.
 """
 
 from __future__ import annotations
@@ -198,5 +200,104 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ------------------------------------------------------------ worst-case breakdown (issue 18)
+BREAKDOWN_RESULTS = RESULTS.with_name("fat_breakdown.json")
+#: Storage orders of the independent set: flips of every axis and permuted axes.
+_ORIENTATIONS = ("LPS", "RAS", "LAS", "RPI", "LPI", "RAI", "ASL", "PLS")
+_CDI_MUSCLES = ("multifidus", "erector_spinae", "quadratus_lumborum")
+
+
+def independent_phantoms(n: int = 12, seed: int = 2026) -> list[tuple[str, dict]]:
+    """Phantoms independent of :data:`PHANTOMS`: the small template (2.5 mm voxels, so more
+    partial volume at the muscle borders), left-right bias fields drawn from -25 % to +30 %,
+    eight storage orders (flips of every axis, permuted axes), a planted CDI of -0.2 to 0.2
+    on one muscle, the generator's default fat and noise (SNR 25)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        bias, cdi = float(rng.uniform(-0.25, 0.30)), float(rng.uniform(-0.2, 0.2))
+        out.append((f"ind-{i:02d}", {
+            "seed": 200 + i, "template": "small", "orientation": _ORIENTATIONS[i % 8],
+            "bias_lr": round(bias, 4), "cdi": {_CDI_MUSCLES[i % 3]: round(cdi, 4)}}))
+    return out
+
+
+def _asymmetry_errors(res, ph, name: str, kw: dict) -> pd.DataFrame:
+    a = res.asymmetry.merge(ph.asymmetry, on=["level", "muscle"], suffixes=("", "_t"))
+    a = a[a["cdi_t"].notna()].copy()
+    n = res.metrics[res.metrics["slice"].isna()].pivot_table(
+        index=["level", "muscle"], columns="side", values="n_voxels").reset_index()
+    n = n.rename(columns={"left": "n_voxels_left", "right": "n_voxels_right"})
+    a = a.merge(n, on=["level", "muscle"], how="left")
+    return pd.DataFrame({
+        "phantom": name, "orientation": kw["orientation"], "bias_lr": kw["bias_lr"],
+        "level": a["level"], "muscle": a["muscle"], "cdi_true": a["cdi_t"],
+        "cdi_error": a["cdi"] - a["cdi_t"], "lfiar_rel_error": a["lfiar"] / a["lfiar_t"] - 1,
+        "n_voxels_left": a["n_voxels_left"], "n_voxels_right": a["n_voxels_right"],
+    })
+
+
+def breakdown(out: Path = BREAKDOWN_RESULTS, n: int = 12) -> dict:
+    """Where the default method's CDI and LFIAR errors come from, on independent phantoms.
+
+    Each phantom is measured as generated (Rician noise, SNR 25) and as its noise-free twin
+    (same anatomy, fat and shading, SNR 10^6): what the twin still gets wrong is the method's
+    own (systematic) error, the rest is noise.  Writes ``benchmarks/results/fat_breakdown.json``
+    and returns it.
+    """
+    rows = []
+    for name, kw in independent_phantoms(n):
+        for snr in (25.0, 1e6):
+            ph = make_phantom(name, snr=snr, **kw)
+            img, msk = _volumes(ph)
+            res = measure(img, msk, ph.labels, subject=name, levels=ph.levels)
+            rows.append(_asymmetry_errors(res, ph, name, kw).assign(noise_free=snr > 1e3))
+        print(f"{name}: done", flush=True)
+    table = pd.concat(rows, ignore_index=True)
+    table["abs_cdi_error"] = table["cdi_error"].abs()
+    noisy, clean = table[~table["noise_free"]], table[table["noise_free"]]
+
+    def figures(t: pd.DataFrame) -> dict[str, float]:
+        whole = t["level"] == "all"
+        return {
+            "cdi_abs_err_max": float(t["abs_cdi_error"].max()),
+            "cdi_abs_err_max_whole_stack": float(t.loc[whole, "abs_cdi_error"].max()),
+            "cdi_abs_err_max_levels": float(t.loc[~whole, "abs_cdi_error"].max()),
+            "lfiar_rel_err_median": float(t["lfiar_rel_error"].abs().median()),
+            "rows_over_0.01": int((t["abs_cdi_error"] > 0.01).sum()),
+            "rows": len(t),
+        }
+
+    worst = noisy.sort_values("abs_cdi_error", ascending=False).head(10)
+    twin = clean.set_index(["phantom", "level", "muscle"])["cdi_error"]
+    worst = worst.assign(cdi_error_noise_free=[
+        float(twin.get((p, lv, m), np.nan))
+        for p, lv, m in zip(worst["phantom"], worst["level"], worst["muscle"], strict=True)])
+    by_muscle = noisy.groupby("muscle")["abs_cdi_error"].max().round(4).to_dict()
+    by_phantom = noisy.groupby("phantom")["abs_cdi_error"].max().round(4).to_dict()
+    doc = {
+        "what": "default method (unmix, N4) on independent phantoms: CDI error and LFIAR "
+                "relative error per level and muscle, with the noise-free twin of each phantom",
+        "phantoms": [{"subject": n_, **{k: str(v) if isinstance(v, dict) else v
+                                        for k, v in kw.items()}}
+                     for n_, kw in independent_phantoms(n)],
+        "noisy": figures(noisy),
+        "noise_free": figures(clean),
+        "worst_rows": json.loads(worst.drop(columns=["noise_free"]).to_json(orient="records")),
+        "cdi_abs_err_max_by_muscle": by_muscle,
+        "cdi_abs_err_max_by_phantom": by_phantom,
+        "rows": json.loads(table.to_json(orient="records")),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps({k: doc[k] for k in ("noisy", "noise_free")}, indent=2))
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(worst.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    return doc
+
+
 if __name__ == "__main__":
+    if "--breakdown" in sys.argv[1:]:
+        breakdown()
+        sys.exit(0)
     sys.exit(main())

@@ -6,7 +6,9 @@ nifti      NIfTI I/O and geometry checks
 labels     label files; left/right from anatomy
 fat        bias-field correction and fat classification
 metrics    CSA, fat infiltration, FCSA per slice / level / stack; CDI and LFIAR
-synthetic  phantoms and cohorts with planted truth
+dixon      fat fraction F / (W + F) from a Dixon water/fat pair
+contrast   each subject's contrast in the tables and stratified correlations
+synthetic  phantoms and cohorts with planted truth (synthetic_dixon: as water/fat pairs)
 scores     ODI, SRS-22r, VAS, JOA from item-level answers
 stats      Table 1, correlations, FDR, agreement
 segment    nnU-Net v2 prediction

@@ -1128,6 +1128,11 @@ def _contrasts(
             contrast = next((c for suf, c in _CONTRAST_SUFFIXES.items() if stem.endswith(suf)),
                             default)
         out.append(dataclasses.replace(s, water=water, fat=fat, contrast=contrast))
+    if dixon.get("segment_on") == "image":
+        pair_only = [s.subject for s in out if s.water is not None and s.image == s.water]
+        if pair_only:
+            v.fail("dixon.segment_on", "'image', but there is no image to segment on, only a "
+                                       f"water/fat pair, for {_preview(pair_only)}")
     kinds = sorted({s.contrast or "unspecified" for s in out})
     if len(kinds) > 1 and not mixed:
         counts = ", ".join(f"{sum((s.contrast or 'unspecified') == k for s in out)} {k}"

@@ -77,6 +77,9 @@ def test_manifest_with_water_and_fat_columns(cohort):
     half.to_csv(root / "half.csv", index=False)
     with pytest.raises(ConfigError, match="line 2: give both water and fat"):
         load_study(_write_study(root, "half", images="half.csv"))
+    with pytest.raises(ConfigError, match=r"dixon\.segment_on: 'image', but .* only a water/fat pair, for sub-d1"):
+        load_study(_write_study(root, "segimg", images="cohort.csv",
+                                dixon={"segment_on": "image"}))
     bad = manifest.drop(columns=["water", "fat"]).assign(
         image=[str(images / "sub-d1_T2w.nii.gz")] * 1 + [str(images / "sub-d2_T2w.nii.gz")],
         contrast=["STIR", "T2w"])
@@ -143,3 +146,38 @@ def test_segmentation_input_is_the_sum_by_default(cohort, tmp_path):
     target = pipeline._segmentation_input(study, paths, study.subject("sub-d1"))
     assert target.name == "sub-d1_water.nii.gz"
     assert np.allclose(load_image(target).data, w.data, atol=1e-3)
+
+
+def test_bids_folder_pairs_beside_the_image(cohort, tmp_path):
+    import shutil
+
+    images = cohort["images"]
+    anat = tmp_path / "bids" / "sub-d1" / "anat"
+    anat.mkdir(parents=True)
+    for suffix in ("T2w", "water", "fat"):
+        shutil.copyfile(images / f"sub-d1_{suffix}.nii.gz", anat / f"sub-d1_{suffix}.nii.gz")
+    shutil.copytree(images, tmp_path / "images")
+    doc = {"study": "bids", "images": "bids", "labels": "images/labels.json",
+           "masks": "images/{subject}_dseg.nii.gz", "output": "out"}
+    (tmp_path / "bids.yml").write_text(json.dumps(doc))
+    study = load_study(tmp_path / "bids.yml")
+    (s,) = study.subjects
+    assert (s.subject, s.contrast) == ("sub-d1", "dixon")
+    assert s.water == (anat / "sub-d1_water.nii.gz").resolve()
+    assert s.fat == (anat / "sub-d1_fat.nii.gz").resolve()
+    (anat / "sub-d1_fat.nii.gz").unlink()
+    with pytest.raises(ConfigError, match=r"sub-d1_water\.nii\.gz has no fat partner beside it"):
+        load_study(tmp_path / "bids.yml")
+
+
+def test_frozen_run_study_keeps_pairs_contrasts_and_settings(cohort, tmp_path):
+    from helpers.config import parse_study, resolved_document
+
+    study = load_study(_write_study(cohort["root"], "frozen", mixed_contrast=True,
+                                    dixon={"segment_on": "water", "erode_mm": 1.0}))
+    manifest = tmp_path / "cohort.csv"
+    study.cohort_table().to_csv(manifest, index=False)
+    again = parse_study(resolved_document(study, manifest), tmp_path / "frozen.yml")
+    assert again.subjects == study.subjects
+    assert again.dixon == {"segment_on": "water", "erode_mm": 1.0}
+    assert again.mixed_contrast is True
