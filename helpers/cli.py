@@ -327,6 +327,11 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-axial-angle", type=float, default=30.0, help="degrees from axial still axial"
     )
+    p.add_argument(
+        "--allow-burned-in",
+        action="store_true",
+        help="write series flagged BurnedInAnnotation YES (noted; default: refused)",
+    )
     p.set_defaults(func=_cmd_ingest)
 
 
@@ -342,6 +347,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         allow_fat_suppressed=args.allow_fat_suppressed,
         allow_windowed=args.allow_windowed,
         max_axial_angle_deg=args.max_axial_angle,
+        allow_burned_in=args.allow_burned_in,
     )
     result = ingest(
         args.dicom_dir, args.out, key_path=args.key, secret_path=args.secret_file, rules=rules
@@ -355,7 +361,8 @@ def _ingest_study(args: argparse.Namespace) -> int:
     from helpers.pipeline import ingest_stage, ingest_summary
 
     defaults = {"dicom_dir": None, "out": None, "key": None, "secret_file": None,
-                "allow_fat_suppressed": False, "allow_windowed": False, "max_axial_angle": 30.0}
+                "allow_fat_suppressed": False, "allow_windowed": False, "max_axial_angle": 30.0,
+                "allow_burned_in": False}
     given = [k for k, v in defaults.items() if getattr(args, k) != v]
     if given:
         names = ", ".join("DICOM_DIR" if k == "dicom_dir" else "--" + k.replace("_", "-")

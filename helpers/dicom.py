@@ -54,6 +54,11 @@ unreadable          pixel data that cannot be decoded (compressed         refuse
                     transfer syntax without a decoder, truncated file)
 rescaled            RescaleSlope != 1 or RescaleIntercept != 0 (applied,  accepted
                     per slice, through pydicom's modality LUT)
+burned_in           BurnedInAnnotation YES (text burned into the pixels,  refused; accepted
+                    which can show the patient's name)                    with ``allow_burned_
+                                                                          in``
+header              a header that cannot be parsed (a value of the        refused (the other
+                    wrong type); the value itself is never repeated       series go on)
 oblique             axial but tilted more than 1 degree                  accepted
 single_slice        one slice: slice spacing from SpacingBetweenSlices    accepted
                     or SliceThickness (no positions to measure it from)
@@ -145,7 +150,7 @@ from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
-from helpers.errors import ConfigError, InputFileError
+from helpers.errors import ConfigError, InputFileError, OutputError
 from helpers.files import atomic_path, atomic_write_text, is_done, mark_done
 
 __all__ = [
@@ -247,6 +252,8 @@ class IngestRules:
         Write fat-suppressed series (noted) instead of refusing them.
     allow_windowed : bool
         Write windowed / 8-bit / saturated series (noted) instead of refusing them.
+    allow_burned_in : bool
+        Write series flagged ``BurnedInAnnotation = YES`` (noted) instead of refusing them.
     """
 
     t2_pattern: str = r"(?<![0-9])T2(?![0-9*]|\s*_?STAR|\s*_?MAP)"
@@ -266,6 +273,7 @@ class IngestRules:
     saturation_fraction: float = 0.005
     allow_fat_suppressed: bool = False
     allow_windowed: bool = False
+    allow_burned_in: bool = False
 
     def __post_init__(self) -> None:
         for name in ("t2_pattern", "not_t2_pattern", "fat_suppression_pattern"):
@@ -346,6 +354,21 @@ class _SliceHeader:
     spacing_between_slices: float | None
     number_of_frames: int
     windowed_reasons: tuple[str, ...]
+    #: (tag, upper-cased text) of SeriesDescription, ProtocolName, SequenceName: findings name
+    #: the tag, never the text (free text can carry a name).
+    texts: tuple[tuple[str, str], ...] = ()
+    burned_in: bool = False
+
+
+#: Free-text tags searched for contrast and fat-suppression keywords.
+_TEXT_TAGS = ("SeriesDescription", "ProtocolName", "SequenceName")
+#: PhotometricInterpretation values that may be repeated in a finding (defined terms only).
+_PHOTOMETRIC_TERMS = frozenset(
+    {
+        "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK",
+        "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+    }
+)  # fmt: skip
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -388,8 +411,8 @@ def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> tuple[float, ...] | No
 def _header_windowing(ds: pydicom.Dataset) -> tuple[str, ...]:
     """Windowing findings visible in the header (the saturation check needs the pixels)."""
     reasons = []
-    bits = ds.get("BitsStored")
-    if bits is not None and int(bits) <= 8:
+    bits = _float(ds, "BitsStored")
+    if bits is not None and bits <= 8:
         reasons.append(f"{int(bits)}-bit data")
     sop_class = str(ds.get("SOPClassUID", ""))
     image_type = _text(ds, "ImageType").upper()
@@ -398,19 +421,32 @@ def _header_windowing(ds: pydicom.Dataset) -> tuple[str, ...]:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "MONOCHROME1":
         reasons.append("MONOCHROME1 (inverted grey scale)")
-    elif photometric != "MONOCHROME2":
+    elif photometric in _PHOTOMETRIC_TERMS and photometric != "MONOCHROME2":
         reasons.append(f"{photometric} colour data")
+    elif photometric != "MONOCHROME2":
+        reasons.append("PhotometricInterpretation not a defined grey-scale term")
     return tuple(reasons)
 
 
 def _read_header(path: Path) -> _SliceHeader | str:
-    """Header of one file, or a string saying why it is not a usable DICOM image."""
+    """Header of one file, or a string saying why it is not a usable DICOM image.
+
+    Never raises on a damaged or malformed file, and the string never repeats a header value
+    (a malformed value can hold the patient's name): only the exception type.
+    """
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         return "not DICOM"
     except Exception as exc:  # noqa: BLE001  (pydicom raises many types on damaged files)
         return f"unreadable DICOM ({type(exc).__name__})"
+    try:
+        return _parse_header(path, ds)
+    except Exception as exc:  # noqa: BLE001  (a malformed value raises anything on access)
+        return f"malformed DICOM header ({type(exc).__name__})"
+
+
+def _parse_header(path: Path, ds: pydicom.Dataset) -> _SliceHeader | str:
     sop_class = str(ds.get("SOPClassUID", ds.file_meta.get("MediaStorageSOPClassUID", "")))
     if sop_class == _DICOMDIR_SOP_CLASS:
         return "DICOMDIR index"
@@ -421,7 +457,8 @@ def _read_header(path: Path) -> _SliceHeader | str:
         series_number = int(number) if number not in (None, "") else None
     except (TypeError, ValueError):
         series_number = None
-    text = " ".join(_text(ds, k) for k in ("SeriesDescription", "ProtocolName", "SequenceName"))
+    texts = tuple((k, _text(ds, k).upper()) for k in _TEXT_TAGS)
+    text = " ".join(t for _, t in texts)
     spacing = _floats(ds, "PixelSpacing", 2)
     return _SliceHeader(
         path=path,
@@ -441,18 +478,20 @@ def _read_header(path: Path) -> _SliceHeader | str:
         orientation=_floats(ds, "ImageOrientationPatient", 6),
         position=_floats(ds, "ImagePositionPatient", 3),
         pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
-        rows=int(ds.get("Rows", 0) or 0),
-        columns=int(ds.get("Columns", 0) or 0),
+        rows=int(_float(ds, "Rows") or 0),
+        columns=int(_float(ds, "Columns") or 0),
         slice_thickness=_float(ds, "SliceThickness"),
         spacing_between_slices=_float(ds, "SpacingBetweenSlices"),
         number_of_frames=int(_float(ds, "NumberOfFrames") or 1),
         windowed_reasons=_header_windowing(ds),
+        texts=texts,
+        burned_in=_text(ds, "BurnedInAnnotation").strip().upper() == "YES",
     )
 
 
 # ------------------------------------------------------------------------ pure classification
 def classify_t2(
-    text: str,
+    text: str | Sequence[tuple[str, str]],
     echo_time_ms: float | None,
     repetition_time_ms: float | None,
     rules: IngestRules | None = None,
@@ -461,8 +500,9 @@ def classify_t2(
 
     Parameters
     ----------
-    text : str
-        SeriesDescription, ProtocolName and SequenceName joined (any case).
+    text : str or sequence of (str, str)
+        SeriesDescription, ProtocolName and SequenceName joined (any case), or ``(tag, text)``
+        pairs so that a finding can name the tag.
     echo_time_ms, repetition_time_ms : float or None
         EchoTime and RepetitionTime (ms), None when absent.
     rules : IngestRules, optional
@@ -477,18 +517,20 @@ def classify_t2(
     --------
     >>> classify_t2("t2_tse_tra", 96.0, 3500.0)
     (True, 'named T2')
+    >>> classify_t2([("SeriesDescription", "T1_DOE_JANE")], 12.0, 600.0)
+    (False, 'named another contrast in SeriesDescription (rule not_t2_pattern)')
     >>> classify_t2("t1_tse_tra", 12.0, 600.0)[0]
     False
     >>> classify_t2("AX 5 MM", 100.0, 4000.0)
     (True, 'T2 timing (TE 100 ms, TR 4000 ms)')
     """
     rules = rules or IngestRules()
-    upper = text.upper()
+    pairs = _text_pairs(text)
     low, high = rules.echo_time_ms
-    other = re.search(rules.not_t2_pattern, upper)
+    other = _search_tags(rules.not_t2_pattern, pairs)
     if other:
-        return False, f"named another contrast ({other.group(0).strip()})"
-    if re.search(rules.t2_pattern, upper):
+        return False, f"named another contrast in {other} (rule not_t2_pattern)"
+    if _search_tags(rules.t2_pattern, pairs):
         if echo_time_ms is not None and not low <= echo_time_ms <= high:
             return False, f"named T2 but echo time {echo_time_ms:g} ms is outside {low:g}-{high:g}"
         return True, "named T2"
@@ -499,8 +541,22 @@ def classify_t2(
     return False, f"timing not T2 (TE {echo_time_ms:g} ms, TR {repetition_time_ms:g} ms)"
 
 
+def _text_pairs(text: str | Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    if isinstance(text, str):
+        return [("the series name", text.upper())]
+    return [(tag, value.upper()) for tag, value in text]
+
+
+def _search_tags(pattern: str, pairs: Sequence[tuple[str, str]]) -> str | None:
+    """The first tag whose text matches ``pattern`` (its name, never its text), or None."""
+    for tag, value in pairs:
+        if re.search(pattern, value):
+            return tag
+    return None
+
+
 def detect_fat_suppression(
-    text: str,
+    text: str | Sequence[tuple[str, str]],
     scan_options: str = "",
     scanning_sequence: str = "",
     inversion_time_ms: float | None = None,
@@ -508,23 +564,37 @@ def detect_fat_suppression(
 ) -> str | None:
     """Say why a series is fat-suppressed, or None.
 
+    The reason names the tag and the rule, never the text that matched: a keyword glued to a
+    name (``T2_FATSUP_DOE_JANE``) must not reach any output.
+
+    Parameters
+    ----------
+    text : str or sequence of (str, str)
+        The description texts joined, or ``(tag, text)`` pairs (the reason then names the tag).
+    scan_options, scanning_sequence : str
+        ScanOptions and ScanningSequence (backslash-separated values).
+    inversion_time_ms : float or None
+    rules : IngestRules, optional
+
     Examples
     --------
     >>> detect_fat_suppression("T2_TSE_TRA_FS")
-    'keyword FS in the series name'
+    'fat-suppression keyword in the series name (rule fat_suppression_pattern)'
+    >>> detect_fat_suppression([("SeriesDescription", "T2_FATSUP_DOE_JANE")])
+    'fat-suppression keyword in SeriesDescription (rule fat_suppression_pattern)'
     >>> detect_fat_suppression("AX T2 FRFSE", scan_options="FS\\\\PFP")
-    'FS in ScanOptions'
+    'fat-suppression option in ScanOptions (rule fat_suppression_pattern)'
     >>> detect_fat_suppression("T2 TSE") is None
     True
     """
     rules = rules or IngestRules()
-    hit = re.search(rules.fat_suppression_pattern, text.upper())
-    if hit:
-        return f"keyword {hit.group(0).strip()} in the series name"
+    tag = _search_tags(rules.fat_suppression_pattern, _text_pairs(text))
+    if tag:
+        return f"fat-suppression keyword in {tag} (rule fat_suppression_pattern)"
     options = [o.strip() for o in re.split(r"[\\/,\s]+", scan_options.upper()) if o.strip()]
     for option in options:
-        if option == "FS" or re.fullmatch(rules.fat_suppression_pattern, option):
-            return f"{option} in ScanOptions"
+        if option == "FS" or re.search(rules.fat_suppression_pattern, option):
+            return "fat-suppression option in ScanOptions (rule fat_suppression_pattern)"
     if (
         "IR" in re.split(r"[\\/,\s]+", scanning_sequence.upper())
         and inversion_time_ms is not None
@@ -825,7 +895,7 @@ def ingest(
         log.info("%s: %d series", subject, len(series_list))
         run = 0
         for index, series in enumerate(series_list, start=1):
-            row = _ingest_series(series, subject, index, run + 1, out_dir, rules)
+            row = _ingest_series_safely(series, subject, index, run + 1, out_dir, rules)
             rows.append(row)
             if row["status"] == "written":
                 run += 1
@@ -1027,6 +1097,36 @@ def _series_sort_key(series: list[_SliceHeader]) -> tuple:
     return (h.study_date, h.study_time, h.study_uid, number, h.series_uid)
 
 
+def _ingest_series_safely(
+    series: list[_SliceHeader],
+    subject: str,
+    index: int,
+    run: int,
+    out_dir: Path,
+    rules: IngestRules,
+) -> dict[str, Any]:
+    """:func:`_ingest_series`, but an unexpected error refuses this series only.
+
+    The row names the exception type, never its message (which can repeat a header value);
+    an output that cannot be written still stops the ingest (:class:`OutputError`).
+    """
+    try:
+        return _ingest_series(series, subject, index, run, out_dir, rules)
+    except OutputError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (one bad series must not stop the others)
+        row: dict[str, Any] = dict.fromkeys(INGEST_COLUMNS, "")
+        row.update(
+            subject=subject,
+            series=index,
+            n_slices=len(series),
+            status="refused",
+            issues=f"header: series cannot be processed ({type(exc).__name__})",
+        )
+        log.warning("%s series %d: refused %s", subject, index, row["issues"])
+        return row
+
+
 def _ingest_series(
     series: list[_SliceHeader],
     subject: str,
@@ -1078,19 +1178,24 @@ def _ingest_series(
     if tilt > rules.max_axial_angle_deg:
         issues.append(("non_axial", f"slice normal {tilt:.0f} deg from the head-foot axis"))
         return finish("skipped")
-    is_t2, why = classify_t2(first.text, first.echo_time_ms, first.repetition_time_ms, rules)
+    texts = first.texts or first.text
+    is_t2, why = classify_t2(texts, first.echo_time_ms, first.repetition_time_ms, rules)
     if not is_t2:
         issues.append(("not_t2", why))
         return finish("skipped")
 
     refusing: set[str] = set()
     fat = detect_fat_suppression(
-        first.text, first.scan_options, first.scanning_sequence, first.inversion_time_ms, rules
+        texts, first.scan_options, first.scanning_sequence, first.inversion_time_ms, rules
     )
     if fat:
         issues.append(("fat_suppressed", fat))
         if not rules.allow_fat_suppressed:
             refusing.add("fat_suppressed")
+    if any(h.burned_in for h in series):
+        issues.append(("burned_in", "BurnedInAnnotation YES (text in the pixels)"))
+        if not rules.allow_burned_in:
+            refusing.add("burned_in")
     if len({h.echo_number for h in series}) > 1:
         issues.append(("duplicate_slices", "several echoes in one series"))
         refusing.add("duplicate_slices")

@@ -1,0 +1,222 @@
+"""Failure catalogue of issue #16 (reliability and data protection, round 2).
+
+One test (or a few) per finding of the attack; each fails on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from dicom_factory import IDENTITY, Series, write_series
+from pydicom.dataelem import DataElement
+from test_dicom import all_output_bytes, axial_affine, identity_strings, ingest_table, ramp
+
+from helpers import dicom
+from helpers.cli import main
+from helpers.dicom import IngestRules, detect_fat_suppression, ingest
+
+#: A fat-suppression keyword glued to the patient's identity (finding 1).
+GLUED = "T2_TSE_AX_FATSUP_DOE_JANE_123456789"
+
+
+@pytest.fixture
+def secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(dicom.SECRET_ENV, "attack2-secret")
+
+
+def _rewrite(folder: Path, **elements: DataElement) -> None:
+    """Replace elements in every DICOM file of ``folder`` (e.g. a malformed VR)."""
+    for path in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        for keyword, element in elements.items():
+            del ds[keyword]
+            ds.add(element)
+        ds.save_as(path)
+
+
+# ------------------------------------------------------------------ 1. glued free text
+def test_fat_suppression_reason_names_the_tag_never_the_text():
+    pairs = [("SeriesDescription", GLUED), ("ProtocolName", "X"), ("SequenceName", "")]
+    reason = detect_fat_suppression(pairs)
+    assert reason == "fat-suppression keyword in SeriesDescription (rule fat_suppression_pattern)"
+    reason = detect_fat_suppression("T2 TSE", scan_options="FATSUP_DOE_JANE")
+    assert reason == "fat-suppression option in ScanOptions (rule fat_suppression_pattern)"
+    assert "DOE" not in reason
+    assert "JANE" not in reason
+    other = dicom.classify_t2([("ProtocolName", "T1_DOE_JANE")], 12.0, 500.0)
+    assert other == (False, "named another contrast in ProtocolName (rule not_t2_pattern)")
+
+
+@pytest.mark.parametrize(
+    ("description", "extra", "tag"),
+    [
+        (GLUED, {}, "SeriesDescription"),
+        ("T2 TSE AX", {"ScanOptions": "FATSUP_DOE_JANE"}, "ScanOptions"),
+    ],
+)
+def test_glued_identity_is_refused_and_never_echoed(
+    tmp_path, secret, caplog, capsys, description, extra, tag
+):
+    write_series(
+        tmp_path / "dicom", Series(ramp((6, 5, 3)), axial_affine(), description=description,
+                                   extra=extra)
+    )
+    with caplog.at_level(logging.DEBUG):
+        code = main(["ingest", str(tmp_path / "dicom"), "--out", str(tmp_path / "out")])
+    assert code == 1
+    row = ingest_table(tmp_path / "out").iloc[0]
+    assert row["status"] == "refused"
+    assert tag in row["issues"]
+    assert "fat_suppression_pattern" in row["issues"]
+    text = (tmp_path / "out" / "ingest.csv").read_text() + caplog.text
+    text += "".join(capsys.readouterr())
+    for needle in ("DOE", "JANE", "123456789", "FATSUP"):
+        assert needle not in text.upper(), needle
+
+
+# ------------------------------------------------------------------ 2. malformed header
+def test_malformed_header_refuses_that_series_only_and_prints_no_value(
+    tmp_path, secret, caplog, capsys
+):
+    """BitsStored stored as text holding the name: the other series is still written."""
+    src = tmp_path / "dicom"
+    write_series(src / "good", Series(ramp((6, 5, 3)), axial_affine()))
+    write_series(
+        src / "bad",
+        Series(ramp((6, 5, 3)), axial_affine(), identity=dict(IDENTITY, PatientID="PID-BAD")),
+    )
+    _rewrite(src / "bad", BitsStored=DataElement(0x00280101, "LO", "DOE^JANE"))
+    with caplog.at_level(logging.DEBUG):
+        code = main(["ingest", str(src), "--out", str(tmp_path / "out")])
+    assert code == 1
+    table = ingest_table(tmp_path / "out").sort_values("status")
+    assert list(table["status"]) == ["refused", "written"]
+    assert "unreadable" in table.iloc[0]["issues"] or "header" in table.iloc[0]["issues"]
+    seen = caplog.text + "".join(capsys.readouterr())
+    seen += (tmp_path / "out" / "ingest.csv").read_text()
+    assert "Traceback" not in seen
+    assert "DOE" not in seen.upper()
+    assert "JANE" not in seen.upper()
+
+
+def test_an_unexpected_error_in_one_series_does_not_stop_the_others(
+    tmp_path, secret, monkeypatch
+):
+    src = tmp_path / "dicom"
+    write_series(src / "a", Series(ramp((6, 5, 3)), axial_affine()))
+    write_series(
+        src / "b",
+        Series(ramp((6, 5, 3)), axial_affine(), identity=dict(IDENTITY, PatientID="PID-2")),
+    )
+    real = dicom._ingest_series
+    calls = []
+
+    def boom(series, subject, *args):
+        calls.append(subject)
+        if len(calls) == 1:
+            raise ValueError("invalid literal for int(): 'DOE^JANE'")
+        return real(series, subject, *args)
+
+    monkeypatch.setattr(dicom, "_ingest_series", boom)
+    result = ingest(src, tmp_path / "out")
+    table = result.table.sort_values("status")
+    assert list(table["status"]) == ["refused", "written"]
+    assert table.iloc[0]["issues"] == "header: series cannot be processed (ValueError)"
+    assert len(result.images) == 1
+
+
+def test_unparseable_header_value_is_reported_by_type_only(tmp_path):
+    ds = pydicom.Dataset()
+    ds.add(DataElement(0x00280010, "LO", "DOE^JANE"))  # Rows as text
+    ds.SeriesInstanceUID = "1.2.3"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    assert dicom._parse_header(tmp_path / "x.dcm", ds).rows == 0
+    reasons = dicom._header_windowing(
+        pydicom.Dataset({0x00280004: DataElement(0x00280004, "CS", "DOE JANE")})
+    )
+    assert reasons == ("PhotometricInterpretation not a defined grey-scale term",)
+
+
+# ------------------------------------------------------------------ 3. burned-in annotation
+def test_burned_in_annotation_is_refused_by_default_and_listed(tmp_path, secret):
+    series = Series(ramp((6, 5, 3)), axial_affine(), extra={"BurnedInAnnotation": "YES"})
+    write_series(tmp_path / "dicom", series)
+    result = ingest(tmp_path / "dicom", tmp_path / "out")
+    row = result.table.iloc[0]
+    assert row["status"] == "refused"
+    assert row["issues"].startswith("burned_in: BurnedInAnnotation YES")
+    assert result.failed
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+    allowed = ingest(tmp_path / "dicom", tmp_path / "out2", rules=IngestRules(allow_burned_in=True))
+    assert allowed.table.iloc[0]["status"] == "written"
+    assert "burned_in" in allowed.table.iloc[0]["issues"]
+    assert IngestRules.from_mapping({"allow_burned_in": True}).allow_burned_in
+    no = ingest(tmp_path / "dicom", tmp_path / "out3", rules=IngestRules())
+    assert no.table.iloc[0]["status"] == "refused"
+
+
+def test_burned_in_no_is_written(tmp_path, secret):
+    series = Series(ramp((6, 5, 3)), axial_affine(), extra={"BurnedInAnnotation": "NO"})
+    write_series(tmp_path / "dicom", series)
+    assert ingest(tmp_path / "dicom", tmp_path / "out").table.iloc[0]["status"] == "written"
+
+
+# ------------------------------------------------ evidence: identity in every tag and name
+def test_identity_in_every_tag_file_and_folder_name_reaches_no_output(
+    tmp_path, secret, caplog, capsys
+):
+    """An export whose folders, files and free-text tags all carry the identity, with one
+    series of each kind attacked in round 2 (glued keyword, glued ScanOptions, malformed
+    BitsStored, burned-in annotation) and one good series: nothing of it in any output."""
+    named = dict(
+        IDENTITY,
+        OperatorsName="DOE^JANE",
+        PerformingPhysicianName="HOUSE^GREGORY",
+        StudyDescription="LUMBAR DOE JANE PID-123456",
+        ImageComments="DOE JANE 19450203",
+        PatientAddress="1 FAKE STREET SPRINGFIELD",
+    )
+    root = tmp_path / "DOE_JANE_PID-123456"
+    cases = {
+        "good": Series(ramp((6, 5, 3)), axial_affine(), description="T2_TSE_AX_DOE_JANE",
+                       extra=dict(named), series_number=1),
+        "glued": Series(ramp((6, 5, 3)), axial_affine(), description=GLUED, extra=dict(named),
+                        series_number=2),
+        "options": Series(ramp((6, 5, 3)), axial_affine(), description="T2 AX DOE JANE",
+                          extra=dict(named, ScanOptions="FATSUP_DOE_JANE"), series_number=3),
+        "bits": Series(ramp((6, 5, 3)), axial_affine(), extra=dict(named), series_number=4),
+        "burned": Series(ramp((6, 5, 3)), axial_affine(), series_number=5,
+                         extra=dict(named, BurnedInAnnotation="YES")),
+    }
+    for name, series in cases.items():
+        folder = root / f"DOE^JANE_{name}_19450203"
+        write_series(folder, series)
+        for path in folder.glob("*.dcm"):
+            path.rename(path.with_name(f"DOE_JANE_PID-123456_{path.name}"))
+    _rewrite(root / "DOE^JANE_bits_19450203", BitsStored=DataElement(0x00280101, "LO",
+                                                                      "DOE^JANE"))
+    (root / "DOE_JANE_notes.txt").write_text("DOE^JANE PID-123456")
+    out = tmp_path / "study" / "images"
+    with caplog.at_level(logging.INFO):
+        code = main(["ingest", str(root), "--out", str(out)])
+    assert code == 1
+    table = ingest_table(out)
+    assert sorted(table["status"]) == ["refused"] * 4 + ["written"]
+    outputs = all_output_bytes(out)
+    assert sum(p.name.endswith("|decompressed") for p in outputs) == 1
+    captured = capsys.readouterr()
+    outputs[Path("<log>")] = caplog.text.encode()
+    outputs[Path("<console>")] = (captured.out + captured.err).encode()
+    needles = [*identity_strings(), "123456789", "FATSUP", "SPRINGFIELD", "GREGORY"]
+    for path, content in outputs.items():
+        lowered = content.lower()
+        for needle in needles:
+            assert needle.lower().encode() not in lowered, f"{needle!r} leaked into {path}"
+    assert len(pd.read_csv(tmp_path / "study" / dicom.DEFAULT_KEY_NAME)) == 1
+    assert np.isfinite(table["n_slices"].astype(float)).all()
