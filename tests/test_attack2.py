@@ -63,8 +63,8 @@ def test_glued_identity_is_refused_and_never_echoed(
     tmp_path, secret, caplog, capsys, description, extra, tag
 ):
     write_series(
-        tmp_path / "dicom", Series(ramp((6, 5, 3)), axial_affine(), description=description,
-                                   extra=extra)
+        tmp_path / "dicom",
+        Series(ramp((6, 5, 3)), axial_affine(), description=description, extra=extra),
     )
     with caplog.at_level(logging.DEBUG):
         code = main(["ingest", str(tmp_path / "dicom"), "--out", str(tmp_path / "out")])
@@ -104,9 +104,7 @@ def test_malformed_header_refuses_that_series_only_and_prints_no_value(
     assert "JANE" not in seen.upper()
 
 
-def test_an_unexpected_error_in_one_series_does_not_stop_the_others(
-    tmp_path, secret, monkeypatch
-):
+def test_an_unexpected_error_in_one_series_does_not_stop_the_others(tmp_path, secret, monkeypatch):
     src = tmp_path / "dicom"
     write_series(src / "a", Series(ramp((6, 5, 3)), axial_affine()))
     write_series(
@@ -184,23 +182,37 @@ def test_identity_in_every_tag_file_and_folder_name_reaches_no_output(
     )
     root = tmp_path / "DOE_JANE_PID-123456"
     cases = {
-        "good": Series(ramp((6, 5, 3)), axial_affine(), description="T2_TSE_AX_DOE_JANE",
-                       extra=dict(named), series_number=1),
-        "glued": Series(ramp((6, 5, 3)), axial_affine(), description=GLUED, extra=dict(named),
-                        series_number=2),
-        "options": Series(ramp((6, 5, 3)), axial_affine(), description="T2 AX DOE JANE",
-                          extra=dict(named, ScanOptions="FATSUP_DOE_JANE"), series_number=3),
+        "good": Series(
+            ramp((6, 5, 3)),
+            axial_affine(),
+            description="T2_TSE_AX_DOE_JANE",
+            extra=dict(named),
+            series_number=1,
+        ),
+        "glued": Series(
+            ramp((6, 5, 3)), axial_affine(), description=GLUED, extra=dict(named), series_number=2
+        ),
+        "options": Series(
+            ramp((6, 5, 3)),
+            axial_affine(),
+            description="T2 AX DOE JANE",
+            extra=dict(named, ScanOptions="FATSUP_DOE_JANE"),
+            series_number=3,
+        ),
         "bits": Series(ramp((6, 5, 3)), axial_affine(), extra=dict(named), series_number=4),
-        "burned": Series(ramp((6, 5, 3)), axial_affine(), series_number=5,
-                         extra=dict(named, BurnedInAnnotation="YES")),
+        "burned": Series(
+            ramp((6, 5, 3)),
+            axial_affine(),
+            series_number=5,
+            extra=dict(named, BurnedInAnnotation="YES"),
+        ),
     }
     for name, series in cases.items():
         folder = root / f"DOE^JANE_{name}_19450203"
         write_series(folder, series)
         for path in folder.glob("*.dcm"):
             path.rename(path.with_name(f"DOE_JANE_PID-123456_{path.name}"))
-    _rewrite(root / "DOE^JANE_bits_19450203", BitsStored=DataElement(0x00280101, "LO",
-                                                                      "DOE^JANE"))
+    _rewrite(root / "DOE^JANE_bits_19450203", BitsStored=DataElement(0x00280101, "LO", "DOE^JANE"))
     (root / "DOE_JANE_notes.txt").write_text("DOE^JANE PID-123456")
     out = tmp_path / "study" / "images"
     with caplog.at_level(logging.INFO):
@@ -220,3 +232,67 @@ def test_identity_in_every_tag_file_and_folder_name_reaches_no_output(
             assert needle.lower().encode() not in lowered, f"{needle!r} leaked into {path}"
     assert len(pd.read_csv(tmp_path / "study" / dicom.DEFAULT_KEY_NAME)) == 1
     assert np.isfinite(table["n_slices"].astype(float)).all()
+
+
+# ------------------------------------------------------- 9. duplicate keys, string booleans
+def _study_text(tmp_path: Path, example_dir: Path, extra: str) -> Path:
+    import shutil
+
+    import nibabel as nib
+
+    root = tmp_path / "study"
+    (root / "images").mkdir(parents=True)
+    data = np.ones((6, 5, 3), np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([0.9, 0.9, 4.0, 1])), root / "images" / "s1_T2w.nii.gz")
+    shutil.copyfile(example_dir / "labels.json", root / "labels.json")
+    (root / "model.zip").write_bytes(b"stand-in")
+    path = root / "study.yml"
+    path.write_text(
+        "study: trial\nimages: images/*_T2w.nii.gz\nlabels: labels.json\nmodel: model.zip\n"
+        + extra,
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            "model: other.zip\n",
+            "study.yml: key 'model' appears twice in one mapping (lines 4 and 5)",
+        ),
+        (
+            "segmentation:\n  fast: true\n  fast: false\n",
+            "key 'fast' appears twice in one mapping (lines 6 and 7)",
+        ),
+        (
+            "segmentation: {fast: 'false'}\n",
+            "segmentation.fast: expected true or false, got 'false'",
+        ),
+        ("segmentation: {mirror_tta: 'no'}\n", "segmentation.mirror_tta: expected true or false"),
+        (
+            "metrics: {bias_correction: 0}\n",
+            "metrics.bias_correction: expected true or false, got 0",
+        ),
+        ("metrics: {bias_correction: null}\n", "metrics.bias_correction: expected true or false"),
+    ],
+)
+def test_duplicate_keys_and_non_boolean_booleans_are_refused(
+    tmp_path, example_dir, extra, expected
+):
+    from helpers.config import load_study
+    from helpers.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"study\.yml") as info:
+        load_study(_study_text(tmp_path, example_dir, extra))
+    assert expected in str(info.value)
+
+
+def test_real_booleans_and_null_for_optional_ones_are_accepted(tmp_path, example_dir):
+    from helpers.config import load_study
+
+    extra = "segmentation: {fast: false, mirror_tta: null}\nmetrics: {bias_correction: true}\n"
+    study = load_study(_study_text(tmp_path, example_dir, extra))
+    assert study.segmentation == {"fast": False, "mirror_tta": None}
+    assert study.metrics == {"bias_correction": True}
