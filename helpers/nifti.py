@@ -28,6 +28,7 @@ __all__ = [
     "save_like",
     "slice_axis",
     "subject_from_filename",
+    "verify_gzip",
     "voxel_area_mm2",
 ]
 
@@ -88,6 +89,8 @@ def _read(path: str | Path) -> tuple[nib.Nifti1Image, NDArray]:
     path = Path(path)
     if not path.is_file():
         raise InputFileError(path, "file not found")
+    if path.name.endswith(".gz"):
+        verify_gzip(path)
     try:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
@@ -107,6 +110,30 @@ def _read(path: str | Path) -> tuple[nib.Nifti1Image, NDArray]:
     if abs(float(np.linalg.det(img.affine[:3, :3]))) < 1e-9:
         raise InputFileError(path, "affine is singular (a zero voxel size or collapsed axes)")
     return img, data
+
+
+def verify_gzip(path: str | Path) -> None:
+    """Read a gzip file to its end so that its CRC-32 and length are checked.
+
+    nibabel stops reading once it has the voxels it needs, so the checksum in the gzip trailer
+    is never compared: a file with flipped bits in its voxel data would be measured.
+
+    Raises
+    ------
+    InputFileError
+        The stream is damaged (CRC or length mismatch, truncated, not gzip).
+    """
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        msg = (
+            f"unreadable or truncated NIfTI: corrupt gzip stream ({type(exc).__name__}: {exc}); "
+            "the voxel data cannot be trusted: copy or export the file again"
+        )
+        raise InputFileError(path, msg) from exc
 
 
 def load_image(path: str | Path) -> Volume:

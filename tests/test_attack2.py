@@ -296,3 +296,45 @@ def test_real_booleans_and_null_for_optional_ones_are_accepted(tmp_path, example
     study = load_study(_study_text(tmp_path, example_dir, extra))
     assert study.segmentation == {"fast": False, "mirror_tta": None}
     assert study.metrics == {"bias_correction": True}
+
+
+# ------------------------------------------------------------------ 10. gzip CRC
+def _bad_crc(tmp_path: Path, name: str = "sub-01_T2w.nii.gz") -> Path:
+    """A .nii.gz whose deflate stream is intact but whose CRC-32 trailer is wrong."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 1000, (64, 64, 12)).astype(np.int16)
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data, np.diag([0.9, 0.9, 4.0, 1.0])), path)
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF  # first byte of the CRC-32 in the gzip trailer
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_gzip_with_a_failing_crc_is_refused(tmp_path):
+    import nibabel as nib
+
+    from helpers.errors import InputFileError
+    from helpers.nifti import load_image, load_mask
+
+    path = _bad_crc(tmp_path)
+    assert np.asanyarray(nib.load(path).dataobj).shape == (64, 64, 12)  # nibabel alone reads it
+    with pytest.raises(InputFileError, match=r"sub-01_T2w\.nii\.gz: .*corrupt gzip stream.*CRC"):
+        load_image(path)
+    with pytest.raises(InputFileError, match="corrupt gzip stream"):
+        load_mask(path)
+
+
+def test_cli_metrics_refuses_a_failing_crc(tmp_path, example_dir, capsys):
+    path = _bad_crc(tmp_path)
+    code = main(
+        ["metrics", "--image", str(path), "--mask", str(path), "--labels",
+         str(example_dir / "labels.json"), "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "sub-01_T2w.nii.gz" in err
+    assert "corrupt gzip stream" in err
+    assert not (tmp_path / "out" / "metrics.csv").exists()
