@@ -338,3 +338,34 @@ def test_cli_metrics_refuses_a_failing_crc(tmp_path, example_dir, capsys):
     assert "sub-01_T2w.nii.gz" in err
     assert "corrupt gzip stream" in err
     assert not (tmp_path / "out" / "metrics.csv").exists()
+
+
+# ------------------------------------------------------- 11. two image files of one subject
+def test_two_images_of_one_subject_are_an_error_naming_both(tmp_path, capsys):
+    import nibabel as nib
+
+    from helpers.errors import InputFileError
+    from helpers.segment import find_images
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, value in (
+        ("syn-001_T2w.nii.gz", 1),
+        ("syn-001.nii.gz", 2),
+        ("syn-002_T2w.nii.gz", 3),
+    ):
+        data = np.full((4, 4, 2), value, np.int16)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), folder / name)
+    with pytest.raises(InputFileError) as info:
+        find_images(folder)
+    message = str(info.value)
+    assert "syn-001.nii.gz and syn-001_T2w.nii.gz are two images of subject 'syn-001'" in message
+    code = main(["segment", "--images", str(folder), "--model", str(tmp_path / "m.zip"),
+                 "--out", str(tmp_path / "masks")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "syn-001.nii.gz" in err
+    assert "syn-001_T2w.nii.gz" in err
+    assert not (tmp_path / "masks").exists()
+    (folder / "syn-001.nii.gz").unlink()
+    assert [p.name for p in find_images(folder)] == ["syn-001_T2w.nii.gz", "syn-002_T2w.nii.gz"]
