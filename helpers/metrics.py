@@ -357,8 +357,9 @@ def read_levels(path: str | Path, subject: str | None = None) -> pd.DataFrame:
     Raises
     ------
     InputFileError
-        Missing/unreadable file, missing columns, non-integer or duplicate slices, or no rows
-        for ``subject``; the message names the file.
+        Missing/unreadable file, missing columns, non-integer or duplicate slices, a level
+        named ``all`` (reserved for the whole stack), or no rows for ``subject``; the message
+        names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -400,6 +401,14 @@ def _clean_levels(table: pd.DataFrame, subject: str | None, where: Path | str) -
         msg = f"levels table: slice {int(slice_arr[int(np.argmax(dup))])} is listed twice"
         raise InputFileError(where, msg)
     out = pd.DataFrame({"slice": slice_arr, "level": stripped.array[keep]})
+    reserved = out["level"].str.lower() == ALL_LEVELS
+    if reserved.any():  # issue 16: would give a second, different level=all row
+        first = int(out["slice"].to_numpy()[int(np.argmax(reserved.to_numpy(dtype=bool)))])
+        msg = (
+            f"levels table: level {out['level'].iloc[int(np.argmax(reserved))]!r} (slice {first}) "
+            f"is reserved for the whole-stack rows ({ALL_LEVELS!r}); name the level otherwise"
+        )
+        raise InputFileError(where, msg)
     out.attrs["path"] = str(where)
     return out
 

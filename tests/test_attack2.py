@@ -369,3 +369,17 @@ def test_two_images_of_one_subject_are_an_error_naming_both(tmp_path, capsys):
     assert not (tmp_path / "masks").exists()
     (folder / "syn-001.nii.gz").unlink()
     assert [p.name for p in find_images(folder)] == ["syn-001_T2w.nii.gz", "syn-002_T2w.nii.gz"]
+
+
+# ------------------------------------------------------------------ 12. level "all" reserved
+@pytest.mark.parametrize("name", ["all", "ALL", " All "])
+def test_level_all_is_reserved(tmp_path, name):
+    from helpers.errors import InputFileError
+    from helpers.metrics import read_levels
+
+    path = tmp_path / "levels.csv"
+    path.write_text(f"slice,level\n0,L4\n1,{name}\n2,L5\n", encoding="utf-8")
+    with pytest.raises(InputFileError, match=r"levels\.csv: .*slice 1\) is reserved"):
+        read_levels(path)
+    path.write_text("slice,level\n0,L4\n1,L4-L5\n2,allL5\n", encoding="utf-8")
+    assert list(read_levels(path)["level"]) == ["L4", "L4-L5", "allL5"]
