@@ -78,6 +78,7 @@ from helpers.files import atomic_write_text
 from helpers.labels import LabelTable, load_labels
 from helpers.nifti import (
     Volume,
+    check_axial_stack,
     check_same_grid,
     load_image,
     load_mask,
@@ -602,6 +603,7 @@ def _measure(
             msg = f"expected a 3-D volume, got {np.ndim(vol.data)}-D data of shape {np.shape(vol.data)}"
             raise InputFileError(where, msg)
     check_same_grid(image, mask)
+    check_axial_stack(image.affine, image.path)  # issue 16: sagittal/coronal/oblique refused
     n_bad = int(np.count_nonzero(~np.isfinite(image.data)))
     if n_bad:
         raise InputFileError(image.path or Path("<image>"), f"{n_bad} voxels are NaN or infinite")

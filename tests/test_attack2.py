@@ -383,3 +383,95 @@ def test_level_all_is_reserved(tmp_path, name):
         read_levels(path)
     path.write_text("slice,level\n0,L4\n1,L4-L5\n2,allL5\n", encoding="utf-8")
     assert list(read_levels(path)["level"]) == ["L4", "L4-L5", "allL5"]
+
+
+# ------------------------------------------------------- 13. sagittal, coronal, too oblique
+def _rotated_stack(angle_deg: float, about: str = "x", zooms=(0.8, 0.8, 4.0)) -> np.ndarray:
+    t = np.radians(angle_deg)
+    c, s = np.cos(t), np.sin(t)
+    if about == "x":
+        rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    else:
+        rot = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(zooms)
+    return affine
+
+
+SAGITTAL = np.array([[0, 0, 4.0, 0], [0.7, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1]])
+CORONAL = np.array([[0.7, 0, 0, 0], [0, 0, 4.0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize(
+    ("affine", "expected"),
+    [
+        (SAGITTAL, "a sagittal stack (slice normal 90 deg"),
+        (CORONAL, "a coronal stack (slice normal 90 deg"),
+        (_rotated_stack(50), "an oblique stack (slice normal 50 deg"),
+        (_rotated_stack(-35, "y"), "an oblique stack (slice normal 35 deg"),
+        (_rotated_stack(80, "y"), "a sagittal stack (slice normal 80 deg"),
+    ],
+)
+def test_non_axial_and_too_oblique_stacks_are_refused(
+    tmp_path, example_dir, capsys, affine, expected
+):
+    import nibabel as nib
+
+    from helpers.nifti import check_axial_stack
+
+    with pytest.raises(Exception, match="not an axial stack") as info:
+        check_axial_stack(affine, "x.nii.gz")
+    assert expected in str(info.value)
+    rng = np.random.default_rng(1)
+    shape = (24, 20, 6)
+    image = rng.uniform(100, 1000, shape).astype(np.float32)
+    mask = np.zeros(shape, np.int16)
+    mask[2:8, 3:9, :] = 1
+    mask[14:20, 3:9, :] = 2
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "s_T2w.nii.gz")
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "s_dseg.nii.gz")
+    code = main(["metrics", "--image", str(tmp_path / "s_T2w.nii.gz"), "--mask",
+                 str(tmp_path / "s_dseg.nii.gz"), "--labels", str(example_dir / "labels.json"),
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "s_T2w.nii.gz: not an axial stack" in err
+    assert expected in err
+    assert "fat-suppressed" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("affine", "axis", "tilt"),
+    [
+        (np.diag([0.7, 0.7, 4.0, 1]), 2, 0.0),
+        (_rotated_stack(20), 2, 20.0),
+        (_rotated_stack(-30, "y"), 2, 30.0),
+        (np.diag([1.0, 1.0, 1.2, 1]), 2, 0.0),  # near isotropic: cut axially
+        (SAGITTAL @ np.diag([1, 1, 0.3, 1]), 1, 0.0),  # isotropic sagittal 3-D: reformattable
+    ],
+)
+def test_axial_and_mildly_oblique_stacks_pass(affine, axis, tilt):
+    from helpers.nifti import check_axial_stack, stack_orientation
+
+    assert stack_orientation(affine)[:2] == (axis, pytest.approx(tilt, abs=1e-6))
+    assert check_axial_stack(affine) == pytest.approx(tilt, abs=1e-6)
+
+
+def test_a_phantom_tilted_within_the_limit_is_still_measured():
+    """The same phantom tilted 20 degrees about x gives the same per-slice voxel counts."""
+    from helpers.metrics import MetricsSettings, measure
+    from helpers.nifti import Volume
+    from helpers.synthetic import make_phantom
+
+    ph = make_phantom("syn-tilt", template="small", shape=(48, 48, 4), seed=3)
+    data = np.asarray(ph.image.dataobj, np.float32)
+    labels = np.asarray(ph.mask.dataobj).astype(np.int16)
+    settings = MetricsSettings(bias_correction=False)
+    straight = measure(Volume(data, ph.image.affine), Volume(labels, ph.image.affine), ph.labels,
+                       subject="s", settings=settings)  # fmt: skip
+    tilted_affine = _rotated_stack(20) @ ph.image.affine
+    tilted = measure(Volume(data, tilted_affine), Volume(labels, tilted_affine), ph.labels,
+                     subject="s", settings=settings)  # fmt: skip
+    assert (tilted.metrics["n_voxels"] > 0).any()
+    np.testing.assert_array_equal(tilted.metrics["n_voxels"], straight.metrics["n_voxels"])
