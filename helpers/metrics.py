@@ -656,9 +656,15 @@ def _measure(
     if settings.bias_correction:
         t0 = time.perf_counter()
         shrink = max(1, round(settings.n4_fit_spacing_mm / min(image.zooms_mm)))
-        work, bias = fat.n4_correct(
-            img, affine, body, shrink_factor=shrink, iterations=settings.n4_iterations,
-        )
+        try:
+            work, bias = fat.n4_correct(
+                img, affine, body, shrink_factor=shrink, iterations=settings.n4_iterations,
+            )
+        except RuntimeError as exc:  # ITK's own errors: one line, naming the file (issue 16)
+            first = " ".join(str(exc).split())[:200]
+            msg = (f"bias-field correction (N4) failed ({first}); "
+                   "measure without it (--no-bias-correction / metrics.bias_correction: false)")
+            raise InputFileError(where_image, msg) from exc
         # Shading probe: the subcutaneous fat band, split at the muscles' midline (world x).
         x = np.broadcast_to(_world_x(img.shape, affine), img.shape)
         x_mid = float(x[muscle].mean())
