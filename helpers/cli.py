@@ -40,6 +40,8 @@ def _add_metrics(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-bias-correction", action="store_true", help="skip N4 bias correction")
     p.add_argument("--levels", type=Path, help="CSV slice->vertebral level table")
+    p.add_argument("--no-side-check", action="store_true",
+                   help="measure even when the label file's left/right contradict the anatomy")
     p.set_defaults(func=_cmd_metrics)
 
 
@@ -51,6 +53,8 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         options["fat_method"] = args.fat_method
     if args.no_bias_correction:
         options["bias_correction"] = False
+    if args.no_side_check:
+        options["side_check"] = False
     settings = MetricsSettings.from_mapping(options)
     result = measure_files(
         args.image, args.mask, args.labels, subject=args.subject, settings=settings,

@@ -215,6 +215,11 @@ class MetricsSettings:
         within about a second.
     n4_iterations : tuple of int
         N4 iterations per fitting level (default (50, 50, 50)).
+    side_check : bool
+        Refuse a sided label file whose right label lies to the patient's left of its left twin
+        (world x; default True).  False measures anyway (the asymmetries' signs then follow the
+        label file, not the anatomy).  Kept out of :meth:`to_dict` while True: it changes no
+        number of a scan that passes.
 
     Examples
     --------
@@ -236,6 +241,7 @@ class MetricsSettings:
     edge_rule: str = "inplane"
     n4_fit_spacing_mm: float = 7.5
     n4_iterations: tuple[int, ...] = (50, 50, 50)
+    side_check: bool = True
 
     def __post_init__(self) -> None:
         _choice("fat_method", self.fat_method, fat.FAT_METHODS)
@@ -243,7 +249,7 @@ class MetricsSettings:
         _choice("cdi_formula", self.cdi_formula, CDI_FORMULAS)
         _choice("lfiar_formula", self.lfiar_formula, LFIAR_FORMULAS)
         _choice("edge_rule", self.edge_rule, EDGE_RULES)
-        for key in ("bias_correction", "pool_psoas"):
+        for key in ("bias_correction", "pool_psoas", "side_check"):
             if not isinstance(getattr(self, key), bool):
                 msg = f"{key}: must be true or false, got {getattr(self, key)!r}"
                 raise ConfigError(msg)
@@ -302,6 +308,8 @@ class MetricsSettings:
         """JSON-ready record (what ``reference.json`` stores)."""
         out = asdict(self)
         out["n4_iterations"] = list(self.n4_iterations)
+        if self.side_check:  # the default changes no number: keep records as before
+            del out["side_check"]
         return out
 
 
@@ -627,6 +635,8 @@ def _measure(
     if vertebra:
         mask_arr = np.where(np.isin(mask_arr, list(vertebra)), 0, mask_arr).astype(mask_arr.dtype)
     table = LabelTable(muscle_labels, labels.path)
+    if settings.side_check and table.is_sided():
+        _refuse_swapped_sides(mask_arr, affine, table, mask.path)
     if not table.is_sided():
         mask_arr, table = _split_unsided(mask_arr, affine, table)
         mask_arr = np.ascontiguousarray(mask_arr)
@@ -758,6 +768,28 @@ def _measure(
     )
     reference["seconds"] = round(time.perf_counter() - t_start, 3)
     return MeasureResult(metrics, asym, reference, fraction_map)
+
+
+def _refuse_swapped_sides(
+    mask_arr: NDArray, affine: NDArray[np.float64], table: LabelTable, mask_path: Path | None
+) -> None:
+    """Raise :class:`LabelError` when the label file's sides contradict the anatomy (issue 16)."""
+    from helpers.labels import side_contradictions
+
+    wrong = side_contradictions(mask_arr, affine, table)
+    if not wrong:
+        return
+    muscle, right, left, sep = wrong[0]
+    mask_name = mask_path.name if mask_path else "the mask"
+    more = f" (and {len(wrong) - 1} more muscles)" if len(wrong) > 1 else ""
+    msg = (
+        f"left and right contradict the anatomy in {mask_name}: the right {muscle} (label "
+        f"{right}) lies {abs(sep):.1f} mm to the patient's left of the left one (label {left}; "
+        f"world x, RAS+){more}; every asymmetry would change sign. Check the label file's "
+        "sides and the image orientation, or measure anyway with --no-side-check "
+        "(metrics.side_check: false)"
+    )
+    raise LabelError(table.path or mask_path or Path("<labels>"), msg)
 
 
 def _world_x(shape: tuple[int, ...], affine: NDArray[np.float64]) -> NDArray:

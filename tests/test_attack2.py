@@ -520,3 +520,102 @@ def test_cli_metrics_measures_a_two_slice_scan_with_bias_correction(tmp_path, ca
     metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
     assert set(metrics["slice"].dropna().astype(int)) == {0, 1}
     assert np.isfinite(metrics["fat_pct"]).any()
+
+
+# ------------------------------------------------- 8. label sides contradicting the anatomy
+def _swap_sides(doc: dict) -> dict:
+    out = json.loads(json.dumps(doc))
+    for lab in out["labels"]:
+        if lab.get("side") in ("left", "right"):
+            lab["side"] = "left" if lab["side"] == "right" else "right"
+    return out
+
+
+def test_cli_metrics_refuses_a_label_file_with_swapped_sides(tmp_path, capsys):
+    import nibabel as nib
+
+    from helpers.synthetic import LABELS_DOC, make_phantom
+
+    ph = make_phantom("syn-side", template="small", shape=(48, 48, 4), seed=7, bias_lr=0.0)
+    nib.save(ph.image, tmp_path / "syn-side_T2w.nii.gz")
+    nib.save(ph.mask, tmp_path / "syn-side_dseg.nii.gz")
+    (tmp_path / "labels.json").write_text(json.dumps(LABELS_DOC))
+    (tmp_path / "swapped.json").write_text(json.dumps(_swap_sides(LABELS_DOC)))
+    base = ["metrics", "--image", str(tmp_path / "syn-side_T2w.nii.gz"), "--mask",
+            str(tmp_path / "syn-side_dseg.nii.gz"), "--no-bias-correction"]  # fmt: skip
+    assert (
+        main([*base, "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "a")]) == 0
+    )
+    args = [*base, "--labels", str(tmp_path / "swapped.json"), "--out", str(tmp_path / "b")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "swapped.json: left and right contradict the anatomy in syn-side_dseg.nii.gz" in err
+    assert "--no-side-check" in err
+    assert not (tmp_path / "b").exists()
+    # the explicit override measures, and every asymmetry's sign is flipped
+    assert main([*args, "--no-side-check"]) == 0
+    right = pd.read_csv(tmp_path / "a" / "asymmetry.csv").set_index(["muscle", "level"])
+    flipped = pd.read_csv(tmp_path / "b" / "asymmetry.csv").set_index(["muscle", "level"])
+    finite = np.isfinite(right["cdi"]) & (right["cdi"].abs() > 1e-3)
+    assert finite.sum() >= 3
+    np.testing.assert_allclose(flipped.loc[finite.index[finite], "cdi"], -right["cdi"][finite],
+                               atol=1e-9)  # fmt: skip
+
+
+def test_side_check_setting_is_validated_and_kept_out_of_default_records():
+    from helpers.errors import ConfigError
+    from helpers.metrics import MetricsSettings
+
+    assert "side_check" not in MetricsSettings().to_dict()
+    assert MetricsSettings(side_check=False).to_dict()["side_check"] is False
+    with pytest.raises(ConfigError, match="side_check: must be true or false"):
+        MetricsSettings.from_mapping({"side_check": "no"})
+
+
+def test_run_fails_the_subject_whose_sides_contradict_the_anatomy(tmp_path, monkeypatch):
+    """esma run: the subject with the right/left mask values exchanged is listed in
+    failures.csv with the reason; the other subject is measured."""
+    import shutil
+
+    import nibabel as nib
+    import yaml
+
+    from helpers import pipeline, synthetic
+
+    phantoms = synthetic.make_cohort(2, tmp_path / "ph", seed=3, template="small",
+                                     orientations=("LPS",))  # fmt: skip
+    study = tmp_path / "study"
+    (study / "images").mkdir(parents=True)
+    (study / "masks").mkdir()
+    pairs = {1: 2, 2: 1, 3: 4, 4: 3, 5: 6, 6: 5}
+    doc_labels = json.loads((tmp_path / "ph" / "labels.json").read_text())
+    sided = {lab["value"] for lab in doc_labels["labels"] if lab.get("side")}
+    assert set(pairs) <= sided
+    subjects = []
+    for i, row in enumerate(phantoms.itertuples(index=False)):
+        shutil.copyfile(row.image, study / "images" / f"{row.subject}_T2w.nii.gz")
+        m = nib.load(row.mask)
+        data = np.asarray(m.dataobj).copy()
+        if i == 0:  # exchange right and left: the label file now contradicts this mask
+            data = np.vectorize(lambda v: pairs.get(int(v), int(v)))(data).astype(data.dtype)
+        nib.save(nib.Nifti1Image(data, m.affine), study / "masks" / f"{row.subject}_dseg.nii.gz")
+        subjects.append(row.subject)
+    shutil.copyfile(tmp_path / "ph" / "labels.json", study / "labels.json")
+    doc = {
+        "study": "sides",
+        "images": "images/*_T2w.nii.gz",
+        "labels": "labels.json",
+        "masks": "masks/{subject}_dseg.nii.gz",
+        "metrics": {"bias_correction": False},
+        "executor": {"kind": "sequential"},
+        "output": "out",
+    }
+    (study / "study.yml").write_text(yaml.safe_dump(doc))
+    result = pipeline.run_study(study / "study.yml", notebooks=["01_segment", "03_metrics"],
+                                progress=False)  # fmt: skip
+    assert result.exit_code == 1
+    failures = pd.read_csv(result.run_dir / "failures.csv", dtype=str, keep_default_na=False)
+    assert list(failures["subject"]) == [subjects[0]]
+    assert "left and right contradict the anatomy" in failures["error"].iloc[0]
+    metrics = pd.read_csv(result.run_dir / "metrics.csv")
+    assert sorted(metrics["subject"].unique()) == [subjects[1]]
