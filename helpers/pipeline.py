@@ -2018,7 +2018,12 @@ def qc_stage(
     summary = qc.summarize_qc(table, subjects=list(tasks))
     atomic_write_text(paths.file("qc.csv"), table.to_csv(index=False))
     atomic_write_text(paths.file("qc_summary.csv"), summary.to_csv(index=False))
-    decisions = qc.init_decisions(summary, paths.decisions)
+    # issue 16: a QC task that could not run (disk full, killed worker) is a failure of the
+    # run, listed in failures_qc.csv, never a decision about the subject: no row is seeded.
+    could_not_run = [r["subject"] for r in status_rows if r["status"] == "failed"]
+    decisions = qc.init_decisions(
+        summary[~summary["subject"].isin(could_not_run)], paths.decisions
+    )
     atomic_write_text(paths.file("qc_decisions.csv"), decisions.to_csv(index=False))
     excluded = current_exclusions(study, paths)
     summary = summary.merge(

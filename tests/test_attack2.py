@@ -619,3 +619,88 @@ def test_run_fails_the_subject_whose_sides_contradict_the_anatomy(tmp_path, monk
     assert "left and right contradict the anatomy" in failures["error"].iloc[0]
     metrics = pd.read_csv(result.run_dir / "metrics.csv")
     assert sorted(metrics["subject"].unique()) == [subjects[1]]
+
+
+# ------------------------------------------------- 5. disk full during QC is no decision
+def _given_mask_study(tmp_path: Path, n: int = 2) -> tuple[Path, list[str]]:
+    import shutil
+
+    import yaml
+
+    from helpers import synthetic
+
+    phantoms = synthetic.make_cohort(n, tmp_path / "ph", seed=4, template="small",
+                                     orientations=("LPS",))  # fmt: skip
+    study = tmp_path / "study"
+    for sub in ("images", "masks"):
+        (study / sub).mkdir(parents=True)
+    for row in phantoms.itertuples(index=False):
+        shutil.copyfile(row.image, study / "images" / f"{row.subject}_T2w.nii.gz")
+        shutil.copyfile(row.mask, study / "masks" / f"{row.subject}_dseg.nii.gz")
+    shutil.copyfile(tmp_path / "ph" / "labels.json", study / "labels.json")
+    doc = {
+        "study": "diskfull",
+        "images": "images/*_T2w.nii.gz",
+        "labels": "labels.json",
+        "masks": "masks/{subject}_dseg.nii.gz",
+        "metrics": {"bias_correction": False},
+        "executor": {"kind": "sequential"},
+        "output": "out",
+    }
+    (study / "study.yml").write_text(yaml.safe_dump(doc))
+    return study / "study.yml", sorted(phantoms["subject"])
+
+
+def test_disk_full_during_qc_excludes_nobody_and_a_rerun_decides(tmp_path, monkeypatch):
+    from helpers import pipeline, qc
+    from helpers.errors import OutputError
+
+    study_file, subjects = _given_mask_study(tmp_path)
+    real = qc.save_mosaic
+
+    def full(*args, **kwargs):
+        raise OutputError("mosaic.png: cannot write (No space left on device)")
+
+    monkeypatch.setattr(qc, "save_mosaic", full)
+    study, paths = pipeline.open_study(study_file, tmp_path / "run1")
+    seg = pipeline.segment_stage(study, paths, progress=False)
+    out = pipeline.qc_stage(study, paths, seg, progress=False)
+    decisions = pd.read_csv(paths.decisions, dtype=str, keep_default_na=False)
+    assert "exclude" not in set(decisions["decision"])
+    assert set(decisions["subject"]).isdisjoint(subjects)
+    assert out.excluded.empty
+    failures = pd.read_csv(paths.run_dir / "failures_qc.csv", dtype=str)
+    assert sorted(failures["subject"]) == subjects
+    assert failures["error"].str.contains("No space left on device").all()
+
+    # space freed: the re-run decides from the real QC (every phantom passes)
+    monkeypatch.setattr(qc, "save_mosaic", real)
+    study, paths = pipeline.open_study(study_file, tmp_path / "run2")
+    seg = pipeline.segment_stage(study, paths, progress=False)
+    out = pipeline.qc_stage(study, paths, seg, progress=False)
+    decisions = pd.read_csv(paths.decisions, dtype=str, keep_default_na=False)
+    assert sorted(decisions["subject"]) == subjects
+    assert set(decisions["decision"]) == {"include"}
+    assert out.excluded.empty
+
+
+def test_auto_qc_rows_from_a_qc_that_could_not_run_are_reseeded(tmp_path):
+    """A decisions file poisoned by the old behaviour heals; a reviewer's row never changes."""
+    from helpers import qc
+
+    path = tmp_path / "qc_decisions.csv"
+    pd.DataFrame(
+        [
+            ["a", "exclude", "auto-qc", "QC fail: QC could not run: OutputError: disk full", "t"],
+            ["b", "exclude", "dr-x", "QC could not run, but I exclude it anyway", "t"],
+            ["c", "exclude", "auto-qc", "QC fail: 3 fail(s)", "t"],
+        ],
+        columns=list(qc.DECISION_COLUMNS),
+    ).to_csv(path, index=False)
+    summary = pd.DataFrame(
+        {"subject": ["a", "b", "c"], "status": ["pass"] * 3, "reasons": [""] * 3}
+    )
+    decisions = qc.init_decisions(summary, path).set_index("subject")
+    assert decisions.loc["a", "decision"] == "include"
+    assert decisions.loc["b", ["decision", "reviewer"]].tolist() == ["exclude", "dr-x"]
+    assert decisions.loc["c", "decision"] == "exclude"
