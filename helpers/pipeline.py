@@ -55,6 +55,7 @@ import yaml
 from helpers.config import Study, load_study, resolved_document
 from helpers.errors import ConfigError, EsmaError, InputFileError, OutputError
 from helpers.files import atomic_write_bytes, atomic_write_text, sha256_file
+from helpers.locks import hold_output_lock
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -579,6 +580,7 @@ class RunResult:
     seconds: float
 
 
+@hold_output_lock  # issue 16: one esma run per output at a time
 def run_study(
     study_path: str | Path,
     *,

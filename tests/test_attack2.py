@@ -704,3 +704,43 @@ def test_auto_qc_rows_from_a_qc_that_could_not_run_are_reseeded(tmp_path):
     assert decisions.loc["a", "decision"] == "include"
     assert decisions.loc["b", ["decision", "reviewer"]].tolist() == ["exclude", "dr-x"]
     assert decisions.loc["c", "decision"] == "exclude"
+
+
+# ------------------------------------------------------- 7. two esma run on one output
+def test_second_run_on_the_same_output_names_the_holder_and_exits_2(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    from helpers import pipeline
+    from helpers.config import load_study
+    from helpers.locks import RUN_LOCK_NAME, file_lock
+
+    study_file, _ = _given_mask_study(tmp_path)
+    lock = load_study(study_file).work_dir / RUN_LOCK_NAME
+    script = (
+        "import sys, time; from helpers.locks import file_lock\n"
+        "with file_lock(sys.argv[1], 'x', command='esma run'):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        code = main(["run", str(study_file), "--quiet"])
+        assert time.perf_counter() - t0 < 10  # refused at once, no waiting
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"is locked by process {holder.pid} on " in err
+        assert "(esma run)" in err
+        assert [p.name for p in (tmp_path / "study" / "out").iterdir()] == ["work"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel dropped the killed holder's lock: a run goes ahead, and releases it after
+    result = pipeline.run_study(study_file, notebooks=["01_segment"], progress=False)
+    assert result.exit_code == 0
+    with file_lock(lock, "x"):
+        pass
