@@ -408,8 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``esma`` console script; returns the exit code."""
+    from helpers.lifecycle import handle_termination, interrupted_exit_code
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    handle_termination()  # issue 16: SIGTERM ends like Ctrl-C, with one line
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -419,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EsmaError as exc:
         print(f"esma {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as exc:
+        code = interrupted_exit_code(exc)
+        what = "SIGTERM" if code != 130 else "Ctrl-C"
+        print(f"esma {args.command}: interrupted ({what}); finished work is kept, run the "  # noqa: T201
+              "same command again to resume", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -238,6 +238,7 @@ def open_study(study: str | Path, run_dir: str | Path = "") -> tuple[Study, RunP
     shows file names but never the folders they live in.
     """
     _notebook_logging()
+    _kernel_dies_with_run()  # issue 16: a killed esma run takes its kernel (and workers) along
     s = load_study(study)
     if s.ingest is not None and not s.subjects:
         msg = (
@@ -248,6 +249,22 @@ def open_study(study: str | Path, run_dir: str | Path = "") -> tuple[Study, RunP
         raise ConfigError(msg)
     return s, run_paths(s, run_dir)
 
+
+def _kernel_dies_with_run() -> None:
+    """In a notebook kernel started by ``esma run``: die (SIGKILL) when the run's process ends.
+
+    Only in a kernel whose parent is an ``esma``/papermill process started for a run (the
+    environment variable ``ESMA_RUN_PID`` names it); an interactive Jupyter kernel is left alone.
+    """
+    parent = os.environ.get(RUN_PID_ENV)
+    if parent and parent.isdigit() and int(parent) == os.getppid():
+        from helpers.lifecycle import die_with_parent
+
+        die_with_parent(int(parent))
+
+
+#: Environment variable naming the ``esma run`` process to its notebook kernels.
+RUN_PID_ENV = "ESMA_RUN_PID"
 
 #: An absolute path: folders (which may hold spaces) then a file name (which may not).
 _PATH_RE = re.compile(
@@ -430,6 +447,7 @@ def execute_notebook(
     stream_kwargs: dict[str, Any] = {}
     if stream_output:
         stream_kwargs = {"log_output": True, "stdout_file": sys.stderr, "stderr_file": sys.stderr}
+    os.environ[RUN_PID_ENV] = str(os.getpid())  # the kernel inherits it (see open_study)
     try:
         pm.execute_notebook(
             str(notebook),

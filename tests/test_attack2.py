@@ -744,3 +744,138 @@ def test_second_run_on_the_same_output_names_the_holder_and_exits_2(tmp_path, ca
     assert result.exit_code == 0
     with file_lock(lock, "x"):
         pass
+
+
+# ------------------------------------------- 6. workers die with the run; signals end cleanly
+def _env_with_tests() -> dict[str, str]:
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests")])
+    return env
+
+
+def _still_running(procs: list, timeout: float) -> list[int]:
+    """Pids of ``procs`` still running after ``timeout`` s (a zombie, dead but not yet reaped
+    by whoever adopted it, counts as dead)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p.pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+_POOL_SCRIPT = """
+import sys
+from helpers.executor import ExecutorConfig, run_tasks
+from slow_task import slow_touch
+items = {f"s{i}": f"{sys.argv[1]}/done-{i}" for i in range(4)}
+run_tasks(slow_touch, items, ExecutorConfig(kind="processes", workers=2), progress=False)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_process_workers_die_with_a_killed_run_and_write_nothing(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", _POOL_SCRIPT, str(tmp_path)],
+                            env=_env_with_tests())  # fmt: skip
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        workers: list[psutil.Process] = []
+        while time.monotonic() < deadline:
+            workers = [c for c in parent.children(recursive=True)
+                       if "spawn_main" in " ".join(c.cmdline())]  # fmt: skip
+            if len(workers) >= 2:
+                break
+            time.sleep(0.1)
+        assert len(workers) >= 2, "the pool never started"
+        time.sleep(0.5)
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=30)
+        alive = _still_running(workers, timeout=3)
+        assert not alive, f"workers survived the run: {alive}"
+        time.sleep(5)  # longer than a task: a surviving worker would have written its result
+        assert not list(tmp_path.glob("done-*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_kernel_of_a_killed_run_dies_with_it(tmp_path):
+    """A process that calls what every notebook calls first (open_study's guard) under a
+    parent named by ESMA_RUN_PID is killed when that parent is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = (
+        "import os, subprocess, sys, time\n"
+        "env = dict(os.environ, ESMA_RUN_PID=str(os.getpid()))\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'from helpers import pipeline; "
+        "pipeline._kernel_dies_with_run(); print(1, flush=True); import time; time.sleep(60)'],"
+        " env=env, stdout=subprocess.PIPE, text=True)\n"
+        "print(child.pid, flush=True); child.stdout.readline(); print('armed', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env=_env_with_tests())  # fmt: skip
+    try:
+        kernel = psutil.Process(int(proc.stdout.readline()))
+        assert proc.stdout.readline().strip() == "armed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert not _still_running([kernel], timeout=3), "the kernel outlived the killed run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize(("sig", "code", "what"), [("SIGTERM", 143, "SIGTERM"),
+                                                   ("SIGINT", 130, "Ctrl-C")])  # fmt: skip
+def test_sigterm_and_ctrl_c_end_with_one_line_and_exit_143_130(tmp_path, sig, code, what):
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "import helpers.cli as cli\n"
+        "def slow(args):\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "cli._cmd_run = slow\n"
+        "sys.exit(cli.main(['run', 'study.yml']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env_with_tests())  # fmt: skip
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code
+    assert "Traceback" not in err
+    expected = (
+        f"esma run: interrupted ({what}); finished work is kept, run the same command again "
+        "to resume"
+    )
+    assert err.strip().splitlines() == [expected]
