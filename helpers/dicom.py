@@ -195,6 +195,10 @@ INGEST_COLUMNS = (
 )
 #: Counts of the last ingest into a folder (no identity), read back by :func:`ingest_once`.
 SUMMARY_NAME = "ingest.json"
+#: Which key and secret made an output folder (a keyed check value and a path digest only).
+ORIGIN_NAME = "ingest_origin.json"
+#: How long an ingest waits for another one holding the same key (s).
+KEY_LOCK_WAIT_S = 300.0
 #: Columns of the pseudonym key file (identity: keep it private).
 KEY_COLUMNS = (
     "pseudonym",
@@ -871,7 +875,9 @@ def ingest(
     if not headers:
         msg = f"no DICOM image files found ({n_files} files looked at, {skipped} skipped)"
         raise InputFileError(dicom_dir, msg)
-    secret = _load_secret(secret_path, key_path)
+    with _key_lock(key_path):
+        secret = _load_secret(secret_path, key_path)
+    _check_origin(out_dir, key_path, secret)
 
     by_patient: dict[str, dict[tuple[str, str], list[_SliceHeader]]] = defaultdict(
         lambda: defaultdict(list)
@@ -918,7 +924,9 @@ def ingest(
 
     table = pd.DataFrame(rows, columns=list(INGEST_COLUMNS))
     atomic_write_text(out_dir / "ingest.csv", table.to_csv(index=False))
-    _write_key(key_path, key_rows)
+    _write_origin(out_dir, key_path, secret)
+    with _key_lock(key_path):  # read, merge and write the key as one step
+        _write_key(key_path, key_rows)
     log.info(
         "ingest: %d series from %d patients, %d written, %d refused, %d skipped; key in %s",
         len(table),
@@ -1299,9 +1307,64 @@ def _load_secret(secret_path: Path, key_path: Path) -> bytes:
         )
         raise ConfigError(msg)
     text = secrets.token_hex(32)
-    _write_private(secret_path, text + "\n")
+    try:  # never overwrite a secret: create it only if no one else has (O_EXCL)
+        secret_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _load_secret(secret_path, key_path)
+    except OSError as exc:
+        msg = f"{secret_path}: cannot create the pseudonym secret ({exc.strerror})"
+        raise OutputError(msg) from exc
+    try:
+        os.write(fd, (text + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     log.info("created pseudonym secret %s (keep it with the key, private)", secret_path)
     return text.encode("utf-8")
+
+
+def _key_lock(key_path: Path) -> Any:
+    """Exclusive lock shared by every ingest that uses this key (and its secret)."""
+    from helpers.locks import file_lock
+
+    lock = key_path.with_name(key_path.name + ".lock")
+    return file_lock(lock, "the pseudonym key (another ingest)", wait_s=KEY_LOCK_WAIT_S,
+                     command="esma ingest")  # fmt: skip
+
+
+def _origin(key_path: Path, secret: bytes) -> dict[str, str]:
+    # A keyed check value (no identity, not the secret) and a digest of the key's path.
+    return {"secret_check": pseudonym("esma-secret-check", secret), "key": _path_digest(key_path)}
+
+
+def _check_origin(out_dir: Path, key_path: Path, secret: bytes) -> None:
+    """Refuse to ingest into a folder made with another secret or key (issue 16)."""
+    try:
+        recorded = json.loads((out_dir / ORIGIN_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise InputFileError(out_dir / ORIGIN_NAME, f"unreadable ({exc})") from exc
+    now = _origin(key_path, secret)
+    if recorded.get("secret_check") != now["secret_check"]:
+        msg = (
+            f"{out_dir}: this folder was ingested with another pseudonym secret; the same "
+            "patients would get other pseudonyms. Use the key and secret it was made with, or "
+            "another output folder"
+        )
+        raise ConfigError(msg)
+    if recorded.get("key") != now["key"]:
+        msg = (
+            f"{out_dir}: this folder was ingested with another pseudonym key file than "
+            f"{key_path}; its pseudonyms would be split over two keys. Use the same --key, or "
+            "another output folder"
+        )
+        raise ConfigError(msg)
+
+
+def _write_origin(out_dir: Path, key_path: Path, secret: bytes) -> None:
+    atomic_write_text(out_dir / ORIGIN_NAME, json.dumps(_origin(key_path, secret)) + "\n")
 
 
 def _read_key(key_path: Path) -> list[dict[str, str]]:

@@ -879,3 +879,84 @@ def test_sigterm_and_ctrl_c_end_with_one_line_and_exit_143_130(tmp_path, sig, co
         "to resume"
     )
     assert err.strip().splitlines() == [expected]
+
+
+# ------------------------------------------- 4. two first-time ingests sharing one key
+def test_racing_first_ingests_share_one_secret_and_one_key(tmp_path, monkeypatch):
+    """Two ingests start at once with no secret yet; creating the secret is slowed down so
+    that both would create one.  The lock makes the second wait and use the first's secret:
+    the same patient gets one pseudonym, and the key holds the rows of both."""
+    import secrets
+    import threading
+    import time
+
+    monkeypatch.delenv(dicom.SECRET_ENV, raising=False)
+    real = secrets.token_hex
+
+    def slow_token(n: int) -> str:
+        time.sleep(0.5)
+        return real(n)
+
+    monkeypatch.setattr(dicom.secrets, "token_hex", slow_token)
+    key = tmp_path / "private" / "key.csv"
+    for name, number in (("a", 3), ("b", 4)):
+        write_series(tmp_path / name, Series(ramp((6, 5, 3)), axial_affine(), series_number=number))
+    results: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = ingest(tmp_path / name, tmp_path / f"out-{name}", key_path=key)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    a, b = results["a"], results["b"]
+    assert not isinstance(a, Exception), a
+    assert not isinstance(b, Exception), b
+    assert a.images[0].name == b.images[0].name  # one patient, one pseudonym
+    table = pd.read_csv(key, dtype=str)
+    assert len(table) == 2
+    assert set(table["pseudonym"]) == {a.images[0].name.removesuffix("_T2w.nii.gz")}
+    assert oct(key.with_suffix(".secret").stat().st_mode)[-3:] == "600"
+
+
+def test_an_existing_secret_is_never_overwritten(tmp_path, monkeypatch):
+    monkeypatch.delenv(dicom.SECRET_ENV, raising=False)
+    key, secret_path = tmp_path / "k.csv", tmp_path / "k.secret"
+    secret_path.write_text("first-secret\n")
+    # the secret appears between the check and the creation: the creation must not replace it
+    real_is_file = Path.is_file
+    calls = {"n": 0}
+
+    def racing_is_file(self: Path) -> bool:
+        if self == secret_path and calls["n"] == 0:
+            calls["n"] += 1
+            return False
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", racing_is_file)
+    assert dicom._load_secret(secret_path, key) == b"first-secret"
+    assert secret_path.read_text() == "first-secret\n"
+
+
+def test_second_ingest_into_a_folder_made_with_another_key_is_refused(tmp_path, monkeypatch):
+    from helpers.errors import ConfigError
+
+    monkeypatch.delenv(dicom.SECRET_ENV, raising=False)
+    write_series(tmp_path / "dicom", Series(ramp((6, 5, 3)), axial_affine()))
+    out = tmp_path / "study" / "images"
+    first = ingest(tmp_path / "dicom", out, key_path=tmp_path / "k1" / "key.csv")
+    with pytest.raises(ConfigError, match="ingested with another pseudonym secret"):
+        ingest(tmp_path / "dicom", out, key_path=tmp_path / "k2" / "key.csv")
+    # same secret, another key file: pseudonyms would be split over two keys
+    (tmp_path / "k3").mkdir()
+    (tmp_path / "k3" / "key.secret").write_bytes((tmp_path / "k1" / "key.secret").read_bytes())
+    with pytest.raises(ConfigError, match="another pseudonym key file"):
+        ingest(tmp_path / "dicom", out, key_path=tmp_path / "k3" / "key.csv")
+    assert [p.name for p in out.glob("*.nii.gz")] == [first.images[0].name]
+    again = ingest(tmp_path / "dicom", out, key_path=tmp_path / "k1" / "key.csv")
+    assert again.images == first.images

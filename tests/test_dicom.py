@@ -602,9 +602,11 @@ def test_ingest_once_reuses_only_an_unchanged_complete_ingest(tmp_path, secret, 
     key.unlink()
     assert not dicom.ingest_once(src, out, key_path=key, rules=rules).reused
     assert len(pd.read_csv(key)) == 2
-    # another secret: other pseudonyms, ingested again
+    # another secret: refused into this folder (issue 16); another folder gets other pseudonyms
     monkeypatch.setenv(dicom.SECRET_ENV, "another-secret")
-    other = dicom.ingest_once(src, out, key_path=key, rules=rules)
+    with pytest.raises(ConfigError, match="ingested with another pseudonym secret"):
+        dicom.ingest_once(src, out, key_path=key, rules=rules)
+    other = dicom.ingest_once(src, out.with_name("nifti2"), key_path=key, rules=rules)
     assert not other.reused
     assert {p.name for p in other.images}.isdisjoint({p.name for p in grown.images})
 
@@ -696,7 +698,10 @@ def test_study_without_a_usable_series_stops_before_any_run(tmp_path, secret, ca
         "1 skipped (see its issues column)"
     )
     out = tmp_path / "study" / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["ingested"]  # no run folder
+    # no run folder: only the run lock (released, empty) in the work folder
+    assert sorted(p.name for p in out.iterdir()) == ["ingested", "work"]
+    assert [p.name for p in (out / "work").iterdir()] == ["esma-run.lock"]
+    assert (out / "work" / "esma-run.lock").stat().st_size == 0
 
 
 # ------------------------------------------------------- end to end: esma run from DICOM
