@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from helpers.errors import EsmaError
+from helpers.errors import EsmaError, OutputError
 
 __all__ = ["build_parser", "main"]
 
@@ -23,6 +23,8 @@ log = logging.getLogger("esma")
 
 # Exit codes: 0 success, 1 finished but some subjects failed, 2 bad input / usage.
 EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
+#: Infrastructure failure (disk full, unwritable output): not the input's fault (issue 16).
+EXIT_INFRASTRUCTURE = 3
 
 
 # --------------------------------------------------------------------------- metrics (issue 2)
@@ -88,6 +90,8 @@ def _add_scores(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="YAML mapping of a site's columns/codes onto the standard layout",
     )
+    p.add_argument("--encoding", help="text encoding of the clinical CSV (default UTF-8), "
+                   "e.g. latin-1; overrides the mapping's encoding")
     p.set_defaults(func=_cmd_scores)
 
 
@@ -96,6 +100,14 @@ def _cmd_scores(args: argparse.Namespace) -> int:
     from helpers.scores import score_clinical
 
     mapping = load_mapping(args.mapping) if args.mapping else None
+    if args.encoding:
+        from dataclasses import replace
+
+        from helpers.clinical import ClinicalMapping
+
+        base = mapping if mapping is not None else ClinicalMapping()
+        checked = ClinicalMapping.from_dict({"encoding": args.encoding}, where="--encoding")
+        mapping = replace(base, encoding=checked.encoding)
     clinical = load_clinical(args.clinical, mapping)
     scores, skipped = score_clinical(clinical, skip_invalid=args.skip_invalid)
     write_table(scores, args.out)
@@ -419,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
+    except OutputError as exc:
+        print(f"esma {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_INFRASTRUCTURE
     except EsmaError as exc:
         print(f"esma {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_BAD_INPUT

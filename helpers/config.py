@@ -139,6 +139,7 @@ CLINICAL_KEYS = (
     "sheet",
     "sep",
     "decimal",
+    "encoding",
 )
 STATISTICS_KEYS = (
     "covariates",

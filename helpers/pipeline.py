@@ -87,6 +87,8 @@ except metadata.PackageNotFoundError:  # pragma: no cover - source tree without 
     __version__ = "0.0.0+unknown"
 
 EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
+#: A notebook stopped on an infrastructure error (disk full, unwritable output): issue 16.
+EXIT_INFRASTRUCTURE = 3
 #: Exit code recorded in the manifest of a run that has not finished (running or killed).
 EXIT_RUNNING = -1
 #: Folder of the pipeline notebooks (the repository's ``notebooks/``).
@@ -739,6 +741,8 @@ def run_study(
     if bad_input and failures.empty:
         # a notebook stopped on an input esma refuses (not caused by failed subjects)
         exit_code = EXIT_BAD_INPUT
+    elif any((not r.ok) and r.error_name == "OutputError" for r in runs):
+        exit_code = EXIT_INFRASTRUCTURE  # the run failed, not the input (issue 16)
     elif stopped or not failures.empty:
         exit_code = EXIT_PARTIAL
     else:
@@ -1082,6 +1086,7 @@ def write_index(
         EXIT_OK: "completed",
         EXIT_PARTIAL: "completed with failures",
         EXIT_BAD_INPUT: "stopped: invalid input",
+        EXIT_INFRASTRUCTURE: "stopped: could not write its outputs (disk full?)",
         EXIT_RUNNING: "not finished (still running, or interrupted)",
     }.get(int(manifest["exit_code"]), "unknown")
     nb_rows = []
@@ -1126,7 +1131,7 @@ def write_index(
         for c in manifest["checksums"]
     )
     empty = '<tr><td colspan="3">none</td></tr>'
-    ingest_section = _ingest_section(run_dir)
+    ingest_section = _warnings_section(run_dir) + _ingest_section(run_dir)
     description = e(manifest.get("description") or "")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -1641,7 +1646,38 @@ def check_model_labels(study: Study, paths: RunPaths) -> str | None:
         f"{sorted(declared - model)}; measurements of segmented subjects use the model's labels"
     )
     log.warning("%s", msg)
+    record_run_warning(paths.run_dir, msg)  # issue 16: shown in index.html too
     return msg
+
+
+# ------------------------------------------------------------ run warnings (issue 16)
+#: Warnings of a run's stages that index.html shows (one JSON list in the run folder).
+RUN_WARNINGS_NAME = "warnings.json"
+
+
+def record_run_warning(run_dir: Path, message: str) -> None:
+    """Add ``message`` to the run's warnings (shown in ``index.html``), once."""
+    path = Path(run_dir) / RUN_WARNINGS_NAME
+    found = read_run_warnings(run_dir)
+    if message not in found:
+        atomic_write_text(path, json.dumps([*found, message], indent=2))
+
+
+def read_run_warnings(run_dir: Path) -> list[str]:
+    """The run's recorded warnings (none when the file is missing or unreadable)."""
+    try:
+        found = json.loads((Path(run_dir) / RUN_WARNINGS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(m) for m in found] if isinstance(found, list) else []
+
+
+def _warnings_section(run_dir: Path) -> str:
+    found = read_run_warnings(run_dir)
+    if not found:
+        return ""
+    items = "".join(f"<li>{html.escape(redact_paths(m))}</li>" for m in found)
+    return f'<h2>Warnings</h2>\n<ul class="bad">{items}</ul>\n'
 
 
 def _levels_for(study: Study, subject: str) -> str | None:

@@ -960,3 +960,115 @@ def test_second_ingest_into_a_folder_made_with_another_key_is_refused(tmp_path, 
     assert [p.name for p in out.glob("*.nii.gz")] == [first.images[0].name]
     again = ingest(tmp_path / "dicom", out, key_path=tmp_path / "k1" / "key.csv")
     assert again.images == first.images
+
+
+# ------------------------------------------------------------------ 15. the smaller ones
+def _clinical_table(n: int = 6) -> pd.DataFrame:
+    from helpers.clinical import simulate_asymmetry, simulate_clinical
+
+    asym = simulate_asymmetry(n, seed=2, muscles=("erector_spinae",))
+    clinical = simulate_clinical(asym, seed=2, p_missing=0.0)
+    return asym, clinical
+
+
+def test_latin1_clinical_csv_reads_with_an_encoding_option(tmp_path, capsys):
+    from helpers.clinical import ClinicalMapping, load_clinical
+    from helpers.errors import ConfigError, InputFileError
+
+    _, clinical = _clinical_table()
+    clinical = clinical.astype(object)
+    clinical["site"] = "Zürich Hôpital"  # an extra column with non-ASCII text
+    path = tmp_path / "clinical.csv"
+    path.write_bytes(clinical.to_csv(index=False).encode("latin-1"))
+    with pytest.raises(
+        InputFileError, match=r"clinical\.csv: .*not utf-8-sig text.*encoding: latin-1"
+    ):
+        load_clinical(path)
+    table = load_clinical(path, ClinicalMapping.from_dict({"encoding": "latin-1"}))
+    assert set(table["site"]) == {"Zürich Hôpital"}
+    assert list(table["subject"]) == list(clinical["subject"])
+    with pytest.raises(ConfigError, match=r"mapping\.encoding: unknown text encoding .klingon."):
+        ClinicalMapping.from_dict({"encoding": "klingon"})
+    out = tmp_path / "scores.csv"
+    assert main(["scores", "--clinical", str(path), "--out", str(out)]) == 2
+    assert "--encoding latin-1" in capsys.readouterr().err
+    args = ["scores", "--clinical", str(path), "--out", str(out), "--encoding", "latin-1"]
+    assert main(args) == 0
+    assert len(pd.read_csv(out)) == len(clinical)
+
+
+def test_stats_refuses_a_raw_clinical_table_as_scores(tmp_path, capsys):
+    from helpers.clinical import write_table
+    from helpers.errors import InputFileError
+    from helpers.stats import load_scores
+
+    asym, clinical = _clinical_table(12)
+    raw = write_table(clinical, tmp_path / "clinical.csv")
+    write_table(asym, tmp_path / "asymmetry.csv")
+    with pytest.raises(InputFileError, match=r"clinical\.csv: not a scores table.*esma scores"):
+        load_scores(raw)
+    code = main(["stats", "--asymmetry", str(tmp_path / "asymmetry.csv"), "--scores", str(raw),
+                 "--out", str(tmp_path / "stats")])  # fmt: skip
+    assert code == 2
+    assert "not a scores table" in capsys.readouterr().err
+    assert not (tmp_path / "stats").exists()
+    # the same table scored is accepted
+    assert main(["scores", "--clinical", str(raw), "--out", str(tmp_path / "scores.csv")]) == 0
+    assert len(load_scores(tmp_path / "scores.csv")) == 12
+
+
+def test_disk_full_has_its_own_exit_code(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from helpers import cli
+
+    path = _bad_crc(tmp_path)  # any file: the write fails first
+    real = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(".csv"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    code = cli.main(["ingest", str(folder), "--out", str(tmp_path / "o")])
+    assert code == cli.EXIT_BAD_INPUT  # an empty DICOM folder is bad input
+    write_series(tmp_path / "dicom", Series(ramp((6, 5, 3)), axial_affine()))
+    monkeypatch.setenv(dicom.SECRET_ENV, "s")
+    code = cli.main(["ingest", str(tmp_path / "dicom"), "--out", str(tmp_path / "o")])
+    assert code == cli.EXIT_INFRASTRUCTURE == 3
+    assert "cannot write output (disk full)" in capsys.readouterr().err
+    assert path.exists()
+
+
+def test_model_label_warning_reaches_index_html(tmp_path):
+    from types import SimpleNamespace
+
+    from helpers import pipeline
+    from helpers.config import load_study
+    from helpers.synthetic import LABELS_DOC
+
+    study_file, _ = _given_mask_study(tmp_path)
+    result = pipeline.run_study(study_file, notebooks=["01_segment"], progress=False)
+    study = load_study(study_file)
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    model_doc = json.loads(json.dumps(LABELS_DOC))
+    model_doc["labels"] = model_doc["labels"][:2]
+    (seg / "labels.json").write_text(json.dumps(model_doc))
+    paths = SimpleNamespace(seg_dir=seg, run_dir=result.run_dir)
+    message = pipeline.check_model_labels(study, paths)
+    assert message.startswith("the model's output labels differ from the study's label file")
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    failures = pipeline.collect_failures(result.run_dir)
+    index = pipeline.write_index(
+        result.run_dir, manifest, failures, pipeline.collect_excluded(result.run_dir, failures)
+    )
+    page = index.read_text(encoding="utf-8")
+    assert "<h2>Warnings</h2>" in page
+    assert "the model&#x27;s output labels differ from the study&#x27;s label file" in page
+    pipeline.check_model_labels(study, paths)  # recorded once
+    assert len(pipeline.read_run_warnings(result.run_dir)) == 1
