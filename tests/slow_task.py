@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def slow_touch(path: str) -> str:
-    """Sleep 4 s, then create ``path`` (a result written late)."""
+    """Create ``path.started``, sleep 4 s, then create ``path`` (a result written late)."""
+    Path(path + ".started").touch()
     time.sleep(4.0)
     Path(path).touch()
     return path

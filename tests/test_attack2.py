@@ -808,13 +808,15 @@ def test_process_workers_die_with_a_killed_run_and_write_nothing(tmp_path, sig):
                 break
             time.sleep(0.1)
         assert len(workers) >= 2, "the pool never started"
-        time.sleep(0.5)
+        while len(list(tmp_path.glob("*.started"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # both workers are running a task (initialized, lock armed)
+        assert len(list(tmp_path.glob("*.started"))) >= 2
         proc.send_signal(getattr(signal, sig))
         proc.wait(timeout=30)
         alive = _still_running(workers, timeout=3)
         assert not alive, f"workers survived the run: {alive}"
         time.sleep(5)  # longer than a task: a surviving worker would have written its result
-        assert not list(tmp_path.glob("done-*"))
+        assert not [p for p in tmp_path.glob("done-*") if p.suffix != ".started"]
     finally:
         if proc.poll() is None:
             proc.kill()
