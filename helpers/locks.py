@@ -146,9 +146,28 @@ def hold_output_lock(run: Any) -> Any:
             work_dir = load_study(study_path).work_dir
         except EsmaError:
             return run(study_path, *args, **kwargs)
+        # folders the lock creates: removed again when the run wrote nothing else (a study
+        # refused before its first run leaves no output folder behind)
+        created = [p for p in (work_dir, *work_dir.parents) if not p.exists()]
         with file_lock(
             work_dir / RUN_LOCK_NAME, "the study's output (another esma run)", command="esma run"
-        ):
-            return run(study_path, *args, **kwargs)
+        ) as lock:
+            try:
+                return run(study_path, *args, **kwargs)
+            finally:
+                if created:
+                    _remove_unused(lock, created)
 
     return locked
+
+
+def _remove_unused(lock: Path, created: list[Path]) -> None:
+    """Remove ``lock`` and the folders in ``created`` (deepest first) if nothing else is there."""
+    try:
+        if [p.name for p in lock.parent.iterdir()] != [lock.name]:
+            return
+        lock.unlink()
+        for folder in created:  # deepest first; stops at the first folder holding anything
+            folder.rmdir()
+    except OSError:
+        return

@@ -698,10 +698,7 @@ def test_study_without_a_usable_series_stops_before_any_run(tmp_path, secret, ca
         "1 skipped (see its issues column)"
     )
     out = tmp_path / "study" / "out"
-    # no run folder: only the run lock (released, empty) in the work folder
-    assert sorted(p.name for p in out.iterdir()) == ["ingested", "work"]
-    assert [p.name for p in (out / "work").iterdir()] == ["esma-run.lock"]
-    assert (out / "work" / "esma-run.lock").stat().st_size == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ingested"]  # no run folder
 
 
 # ------------------------------------------------------- end to end: esma run from DICOM
