@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from helpers.errors import EsmaError
+from helpers.errors import EsmaError, OutputError
 
 __all__ = ["build_parser", "main"]
 
@@ -23,6 +23,8 @@ log = logging.getLogger("esma")
 
 # Exit codes: 0 success, 1 finished but some subjects failed, 2 bad input / usage.
 EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
+#: Infrastructure failure (disk full, unwritable output): not the input's fault (issue 16).
+EXIT_INFRASTRUCTURE = 3
 
 
 # --------------------------------------------------------------------------- metrics (issue 2)
@@ -42,6 +44,8 @@ def _add_metrics(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-bias-correction", action="store_true", help="skip N4 bias correction")
     p.add_argument("--levels", type=Path, help="CSV slice->vertebral level table")
     _add_dixon_metrics_args(p)
+    p.add_argument("--no-side-check", action="store_true",
+                   help="measure even when the label file's left/right contradict the anatomy")
     p.set_defaults(func=_cmd_metrics)
 
 
@@ -57,6 +61,8 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         options["fat_method"] = args.fat_method
     if args.no_bias_correction:
         options["bias_correction"] = False
+    if args.no_side_check:
+        options["side_check"] = False
     settings = MetricsSettings.from_mapping(options)
     result = measure_files(
         args.image, args.mask, args.labels, subject=args.subject, settings=settings,
@@ -144,6 +150,8 @@ def _add_scores(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="YAML mapping of a site's columns/codes onto the standard layout",
     )
+    p.add_argument("--encoding", help="text encoding of the clinical CSV (default UTF-8), "
+                   "e.g. latin-1; overrides the mapping's encoding")
     p.set_defaults(func=_cmd_scores)
 
 
@@ -152,6 +160,14 @@ def _cmd_scores(args: argparse.Namespace) -> int:
     from helpers.scores import score_clinical
 
     mapping = load_mapping(args.mapping) if args.mapping else None
+    if args.encoding:
+        from dataclasses import replace
+
+        from helpers.clinical import ClinicalMapping
+
+        base = mapping if mapping is not None else ClinicalMapping()
+        checked = ClinicalMapping.from_dict({"encoding": args.encoding}, where="--encoding")
+        mapping = replace(base, encoding=checked.encoding)
     clinical = load_clinical(args.clinical, mapping)
     scores, skipped = score_clinical(clinical, skip_invalid=args.skip_invalid)
     write_table(scores, args.out)
@@ -394,6 +410,11 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-axial-angle", type=float, default=30.0, help="degrees from axial still axial"
     )
+    p.add_argument(
+        "--allow-burned-in",
+        action="store_true",
+        help="write series flagged BurnedInAnnotation YES (noted; default: refused)",
+    )
     p.set_defaults(func=_cmd_ingest)
 
 
@@ -409,6 +430,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         allow_fat_suppressed=args.allow_fat_suppressed,
         allow_windowed=args.allow_windowed,
         max_axial_angle_deg=args.max_axial_angle,
+        allow_burned_in=args.allow_burned_in,
     )
     result = ingest(
         args.dicom_dir, args.out, key_path=args.key, secret_path=args.secret_file, rules=rules
@@ -422,7 +444,8 @@ def _ingest_study(args: argparse.Namespace) -> int:
     from helpers.pipeline import ingest_stage, ingest_summary
 
     defaults = {"dicom_dir": None, "out": None, "key": None, "secret_file": None,
-                "allow_fat_suppressed": False, "allow_windowed": False, "max_axial_angle": 30.0}
+                "allow_fat_suppressed": False, "allow_windowed": False, "max_axial_angle": 30.0,
+                "allow_burned_in": False}
     given = [k for k, v in defaults.items() if getattr(args, k) != v]
     if given:
         names = ", ".join("DICOM_DIR" if k == "dicom_dir" else "--" + k.replace("_", "-")
@@ -464,17 +487,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``esma`` console script; returns the exit code."""
+    from helpers.lifecycle import handle_termination, interrupted_exit_code
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    handle_termination()  # issue 16: SIGTERM ends like Ctrl-C, with one line
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
         return int(args.func(args))
+    except OutputError as exc:
+        print(f"esma {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_INFRASTRUCTURE
     except EsmaError as exc:
         print(f"esma {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as exc:
+        code = interrupted_exit_code(exc)
+        what = "SIGTERM" if code != 130 else "Ctrl-C"
+        print(f"esma {args.command}: interrupted ({what}); finished work is kept, run the "  # noqa: T201
+              "same command again to resume", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

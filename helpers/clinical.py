@@ -75,6 +75,7 @@ men only) that the statistics must find.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import logging
 import math
@@ -253,7 +254,7 @@ def _describe_problem(p: Any) -> str:
 
 
 # ------------------------------------------------------------------------------ the mapping
-MAPPING_KEYS = ("columns", "values", "missing_values", "sheet", "sep", "decimal")
+MAPPING_KEYS = ("columns", "values", "missing_values", "sheet", "sep", "decimal", "encoding")
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,9 @@ class ClinicalMapping:
         CSV field separator (default: ``,``, or ``;`` when the header has ``;`` and no ``,``).
     decimal : str
         Decimal separator of numbers in the file (``.`` or ``,``).
+    encoding : str, optional
+        Text encoding of a CSV file (default UTF-8, with or without BOM), e.g. ``latin-1`` or
+        ``cp1252`` for a spreadsheet saved on an older Windows system.
     """
 
     columns: dict[str, str] = field(default_factory=dict)
@@ -282,6 +286,7 @@ class ClinicalMapping:
     sheet: str | int | None = None
     sep: str | None = None
     decimal: str = "."
+    encoding: str | None = None
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any] | None, where: str = "mapping") -> ClinicalMapping:
@@ -358,6 +363,14 @@ class ClinicalMapping:
         if sheet is not None and not isinstance(sheet, str | int):
             msg = f"{where}.sheet: must be a sheet name or a 0-based index, got {sheet!r}"
             raise ConfigError(msg)
+        encoding = doc.get("encoding")
+        if encoding is not None:
+            try:
+                codecs.lookup(str(encoding))
+            except LookupError as exc:
+                msg = f"{where}.encoding: unknown text encoding {encoding!r} (e.g. latin-1, cp1252)"
+                raise ConfigError(msg) from exc
+            encoding = str(encoding)
         return cls(
             columns=clean_columns,
             values=clean_values,
@@ -365,6 +378,7 @@ class ClinicalMapping:
             sheet=sheet,
             sep=sep,
             decimal=decimal,
+            encoding=encoding,
         )
 
 
@@ -446,6 +460,7 @@ def load_clinical(
 
 def _read_raw(path: Path, mapping: ClinicalMapping) -> pd.DataFrame:
     suffix = path.suffix.lower()
+    encoding = mapping.encoding or "utf-8-sig"
     try:
         if suffix in (".xlsx", ".xlsm", ".xls"):
             sheet = 0 if mapping.sheet is None else mapping.sheet
@@ -453,15 +468,20 @@ def _read_raw(path: Path, mapping: ClinicalMapping) -> pd.DataFrame:
         else:
             sep = mapping.sep
             if sep is None:
-                with path.open(encoding="utf-8-sig", errors="replace") as fh:
+                with path.open(encoding=encoding, errors="replace") as fh:
                     header = fh.readline()
                 sep = "\t" if suffix == ".tsv" else ","
                 if ";" in header and "," not in header:
                     sep = ";"
-            raw = pd.read_csv(
-                path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig"
-            )
-    except (ValueError, KeyError, OSError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+            raw = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=encoding)
+    except UnicodeDecodeError as exc:  # issue 16: say how to read it
+        msg = (
+            f"cannot read clinical table: not {encoding} text (undecodable byte at offset "
+            f"{exc.start} of a block); give the file's encoding, e.g. encoding: latin-1 in the "
+            "clinical mapping (esma scores --encoding latin-1)"
+        )
+        raise InputFileError(path, msg) from exc
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
         # pandas' EmptyDataError and ParserError are ValueErrors; a missing sheet is a
         # ValueError or KeyError; a file that is not a workbook is a BadZipFile.
         raise InputFileError(path, f"cannot read clinical table ({exc})") from exc

@@ -147,6 +147,7 @@ CLINICAL_KEYS = (
     "sheet",
     "sep",
     "decimal",
+    "encoding",
 )
 STATISTICS_KEYS = (
     "covariates",
@@ -429,9 +430,12 @@ def load_study(path: str | Path) -> Study:
         msg = f"{path}: study file not found"
         raise ConfigError(msg)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError) as exc:
         msg = f"{path}: cannot read study file ({exc})"
+        raise ConfigError(msg) from exc
+    except DuplicateKeyError as exc:
+        msg = f"{path}: {exc}"
         raise ConfigError(msg) from exc
     except yaml.YAMLError as exc:
         msg = f"{path}: not valid YAML ({_one_line(exc)})"
@@ -495,6 +499,7 @@ def parse_study(document: object, source: str | Path) -> Study:
             f"{_preview(missing)}: give model: or masks:",
         )
 
+    _check_boolean_settings(v, document)  # issue 16: 'false' (a string) is not a boolean
     clinical = _clinical(v, document.get("clinical"))
     segmentation = _segmentation(v, document.get("segmentation"))
     metrics = _delegate(v, "metrics", document.get("metrics"), _metrics_factory)
@@ -1147,3 +1152,70 @@ def _dixon_factory(options: dict[str, Any]) -> object:
     from helpers.dixon import DixonSettings
 
     return DixonSettings.from_mapping(options)
+
+
+# ---------------------------------------------------- strict YAML: duplicate keys, booleans
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of the study YAML holds the same key twice (YAML would keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key; the mapping constructor says so
+                continue
+            if first != line:
+                msg = (
+                    f"key {key!r} appears twice in one mapping (lines {first} and {line}); "
+                    "YAML would silently keep the last: remove one"
+                )
+                raise DuplicateKeyError(msg)
+        return super().construct_mapping(node, deep=deep)
+
+
+#: Sections whose settings class has boolean fields: (section, module, class name).
+_BOOLEAN_SECTIONS = (
+    ("segmentation", "helpers.segment", "SegmentSettings"),
+    ("metrics", "helpers.metrics", "MetricsSettings"),
+    ("qc", "helpers.qc", "QCSettings"),
+    ("executor", "helpers.executor", "ExecutorConfig"),
+)
+
+
+def _check_boolean_settings(v: _Validator, document: Mapping[str, Any]) -> None:
+    """Refuse a non-boolean value (``'false'``, ``0``, ``"yes"``) for a boolean setting.
+
+    Python's ``bool('false')`` is True, so a quoted ``'false'`` would silently turn a setting
+    on.  The fields whose annotation is ``bool`` (or ``bool | None``, which also takes null) of
+    each section's settings dataclass are checked.
+    """
+    import importlib
+
+    for section, module_name, class_name in _BOOLEAN_SECTIONS:
+        options = document.get(section)
+        if not isinstance(options, Mapping):
+            continue
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):  # pragma: no cover - every module ships
+            continue
+        for f in dataclasses.fields(cls):
+            kind = str(f.type).replace(" ", "")
+            if kind not in ("bool", "bool|None", "Optional[bool]") or f.name not in options:
+                continue
+            value = options[f.name]
+            if value is None and kind != "bool":
+                continue
+            if not isinstance(value, bool):
+                v.fail(
+                    f"{section}.{f.name}",
+                    f"expected true or false, got {value!r} ({type(value).__name__}); "
+                    "write it without quotes",
+                )

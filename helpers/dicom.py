@@ -54,6 +54,11 @@ unreadable          pixel data that cannot be decoded (compressed         refuse
                     transfer syntax without a decoder, truncated file)
 rescaled            RescaleSlope != 1 or RescaleIntercept != 0 (applied,  accepted
                     per slice, through pydicom's modality LUT)
+burned_in           BurnedInAnnotation YES (text burned into the pixels,  refused; accepted
+                    which can show the patient's name)                    with ``allow_burned_
+                                                                          in``
+header              a header that cannot be parsed (a value of the        refused (the other
+                    wrong type); the value itself is never repeated       series go on)
 oblique             axial but tilted more than 1 degree                  accepted
 single_slice        one slice: slice spacing from SpacingBetweenSlices    accepted
                     or SliceThickness (no positions to measure it from)
@@ -145,7 +150,7 @@ from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
-from helpers.errors import ConfigError, InputFileError
+from helpers.errors import ConfigError, InputFileError, OutputError
 from helpers.files import atomic_path, atomic_write_text, is_done, mark_done
 
 __all__ = [
@@ -191,6 +196,10 @@ INGEST_COLUMNS = (
 )
 #: Counts of the last ingest into a folder (no identity), read back by :func:`ingest_once`.
 SUMMARY_NAME = "ingest.json"
+#: Which key and secret made an output folder (a keyed check value and a path digest only).
+ORIGIN_NAME = "ingest_origin.json"
+#: How long an ingest waits for another one holding the same key (s).
+KEY_LOCK_WAIT_S = 300.0
 #: Columns of the pseudonym key file (identity: keep it private).
 KEY_COLUMNS = (
     "pseudonym",
@@ -248,6 +257,8 @@ class IngestRules:
         Write fat-suppressed series (noted) instead of refusing them.
     allow_windowed : bool
         Write windowed / 8-bit / saturated series (noted) instead of refusing them.
+    allow_burned_in : bool
+        Write series flagged ``BurnedInAnnotation = YES`` (noted) instead of refusing them.
     """
 
     t2_pattern: str = r"(?<![0-9])T2(?![0-9*]|\s*_?STAR|\s*_?MAP)"
@@ -267,6 +278,7 @@ class IngestRules:
     saturation_fraction: float = 0.005
     allow_fat_suppressed: bool = False
     allow_windowed: bool = False
+    allow_burned_in: bool = False
 
     def __post_init__(self) -> None:
         for name in ("t2_pattern", "not_t2_pattern", "fat_suppression_pattern"):
@@ -347,6 +359,21 @@ class _SliceHeader:
     spacing_between_slices: float | None
     number_of_frames: int
     windowed_reasons: tuple[str, ...]
+    #: (tag, upper-cased text) of SeriesDescription, ProtocolName, SequenceName: findings name
+    #: the tag, never the text (free text can carry a name).
+    texts: tuple[tuple[str, str], ...] = ()
+    burned_in: bool = False
+
+
+#: Free-text tags searched for contrast and fat-suppression keywords.
+_TEXT_TAGS = ("SeriesDescription", "ProtocolName", "SequenceName")
+#: PhotometricInterpretation values that may be repeated in a finding (defined terms only).
+_PHOTOMETRIC_TERMS = frozenset(
+    {
+        "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK",
+        "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+    }
+)  # fmt: skip
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -389,8 +416,8 @@ def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> tuple[float, ...] | No
 def _header_windowing(ds: pydicom.Dataset) -> tuple[str, ...]:
     """Windowing findings visible in the header (the saturation check needs the pixels)."""
     reasons = []
-    bits = ds.get("BitsStored")
-    if bits is not None and int(bits) <= 8:
+    bits = _float(ds, "BitsStored")
+    if bits is not None and bits <= 8:
         reasons.append(f"{int(bits)}-bit data")
     sop_class = str(ds.get("SOPClassUID", ""))
     image_type = _text(ds, "ImageType").upper()
@@ -399,19 +426,32 @@ def _header_windowing(ds: pydicom.Dataset) -> tuple[str, ...]:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "MONOCHROME1":
         reasons.append("MONOCHROME1 (inverted grey scale)")
-    elif photometric != "MONOCHROME2":
+    elif photometric in _PHOTOMETRIC_TERMS and photometric != "MONOCHROME2":
         reasons.append(f"{photometric} colour data")
+    elif photometric != "MONOCHROME2":
+        reasons.append("PhotometricInterpretation not a defined grey-scale term")
     return tuple(reasons)
 
 
 def _read_header(path: Path) -> _SliceHeader | str:
-    """Header of one file, or a string saying why it is not a usable DICOM image."""
+    """Header of one file, or a string saying why it is not a usable DICOM image.
+
+    Never raises on a damaged or malformed file, and the string never repeats a header value
+    (a malformed value can hold the patient's name): only the exception type.
+    """
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         return "not DICOM"
     except Exception as exc:  # noqa: BLE001  (pydicom raises many types on damaged files)
         return f"unreadable DICOM ({type(exc).__name__})"
+    try:
+        return _parse_header(path, ds)
+    except Exception as exc:  # noqa: BLE001  (a malformed value raises anything on access)
+        return f"malformed DICOM header ({type(exc).__name__})"
+
+
+def _parse_header(path: Path, ds: pydicom.Dataset) -> _SliceHeader | str:
     sop_class = str(ds.get("SOPClassUID", ds.file_meta.get("MediaStorageSOPClassUID", "")))
     if sop_class == _DICOMDIR_SOP_CLASS:
         return "DICOMDIR index"
@@ -422,7 +462,8 @@ def _read_header(path: Path) -> _SliceHeader | str:
         series_number = int(number) if number not in (None, "") else None
     except (TypeError, ValueError):
         series_number = None
-    text = " ".join(_text(ds, k) for k in ("SeriesDescription", "ProtocolName", "SequenceName"))
+    texts = tuple((k, _text(ds, k).upper()) for k in _TEXT_TAGS)
+    text = " ".join(t for _, t in texts)
     spacing = _floats(ds, "PixelSpacing", 2)
     return _SliceHeader(
         path=path,
@@ -442,18 +483,20 @@ def _read_header(path: Path) -> _SliceHeader | str:
         orientation=_floats(ds, "ImageOrientationPatient", 6),
         position=_floats(ds, "ImagePositionPatient", 3),
         pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
-        rows=int(ds.get("Rows", 0) or 0),
-        columns=int(ds.get("Columns", 0) or 0),
+        rows=int(_float(ds, "Rows") or 0),
+        columns=int(_float(ds, "Columns") or 0),
         slice_thickness=_float(ds, "SliceThickness"),
         spacing_between_slices=_float(ds, "SpacingBetweenSlices"),
         number_of_frames=int(_float(ds, "NumberOfFrames") or 1),
         windowed_reasons=_header_windowing(ds),
+        texts=texts,
+        burned_in=_text(ds, "BurnedInAnnotation").strip().upper() == "YES",
     )
 
 
 # ------------------------------------------------------------------------ pure classification
 def classify_t2(
-    text: str,
+    text: str | Sequence[tuple[str, str]],
     echo_time_ms: float | None,
     repetition_time_ms: float | None,
     rules: IngestRules | None = None,
@@ -462,8 +505,9 @@ def classify_t2(
 
     Parameters
     ----------
-    text : str
-        SeriesDescription, ProtocolName and SequenceName joined (any case).
+    text : str or sequence of (str, str)
+        SeriesDescription, ProtocolName and SequenceName joined (any case), or ``(tag, text)``
+        pairs so that a finding can name the tag.
     echo_time_ms, repetition_time_ms : float or None
         EchoTime and RepetitionTime (ms), None when absent.
     rules : IngestRules, optional
@@ -478,18 +522,20 @@ def classify_t2(
     --------
     >>> classify_t2("t2_tse_tra", 96.0, 3500.0)
     (True, 'named T2')
+    >>> classify_t2([("SeriesDescription", "T1_DOE_JANE")], 12.0, 600.0)
+    (False, 'named another contrast in SeriesDescription (rule not_t2_pattern)')
     >>> classify_t2("t1_tse_tra", 12.0, 600.0)[0]
     False
     >>> classify_t2("AX 5 MM", 100.0, 4000.0)
     (True, 'T2 timing (TE 100 ms, TR 4000 ms)')
     """
     rules = rules or IngestRules()
-    upper = text.upper()
+    pairs = _text_pairs(text)
     low, high = rules.echo_time_ms
-    other = re.search(rules.not_t2_pattern, upper)
+    other = _search_tags(rules.not_t2_pattern, pairs)
     if other:
-        return False, f"named another contrast ({other.group(0).strip()})"
-    if re.search(rules.t2_pattern, upper):
+        return False, f"named another contrast in {other} (rule not_t2_pattern)"
+    if _search_tags(rules.t2_pattern, pairs):
         if echo_time_ms is not None and not low <= echo_time_ms <= high:
             return False, f"named T2 but echo time {echo_time_ms:g} ms is outside {low:g}-{high:g}"
         return True, "named T2"
@@ -500,8 +546,22 @@ def classify_t2(
     return False, f"timing not T2 (TE {echo_time_ms:g} ms, TR {repetition_time_ms:g} ms)"
 
 
+def _text_pairs(text: str | Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    if isinstance(text, str):
+        return [("the series name", text.upper())]
+    return [(tag, value.upper()) for tag, value in text]
+
+
+def _search_tags(pattern: str, pairs: Sequence[tuple[str, str]]) -> str | None:
+    """The first tag whose text matches ``pattern`` (its name, never its text), or None."""
+    for tag, value in pairs:
+        if re.search(pattern, value):
+            return tag
+    return None
+
+
 def detect_fat_suppression(
-    text: str,
+    text: str | Sequence[tuple[str, str]],
     scan_options: str = "",
     scanning_sequence: str = "",
     inversion_time_ms: float | None = None,
@@ -509,23 +569,37 @@ def detect_fat_suppression(
 ) -> str | None:
     """Say why a series is fat-suppressed, or None.
 
+    The reason names the tag and the rule, never the text that matched: a keyword glued to a
+    name (``T2_FATSUP_DOE_JANE``) must not reach any output.
+
+    Parameters
+    ----------
+    text : str or sequence of (str, str)
+        The description texts joined, or ``(tag, text)`` pairs (the reason then names the tag).
+    scan_options, scanning_sequence : str
+        ScanOptions and ScanningSequence (backslash-separated values).
+    inversion_time_ms : float or None
+    rules : IngestRules, optional
+
     Examples
     --------
     >>> detect_fat_suppression("T2_TSE_TRA_FS")
-    'keyword FS in the series name'
+    'fat-suppression keyword in the series name (rule fat_suppression_pattern)'
+    >>> detect_fat_suppression([("SeriesDescription", "T2_FATSUP_DOE_JANE")])
+    'fat-suppression keyword in SeriesDescription (rule fat_suppression_pattern)'
     >>> detect_fat_suppression("AX T2 FRFSE", scan_options="FS\\\\PFP")
-    'FS in ScanOptions'
+    'fat-suppression option in ScanOptions (rule fat_suppression_pattern)'
     >>> detect_fat_suppression("T2 TSE") is None
     True
     """
     rules = rules or IngestRules()
-    hit = re.search(rules.fat_suppression_pattern, text.upper())
-    if hit:
-        return f"keyword {hit.group(0).strip()} in the series name"
+    tag = _search_tags(rules.fat_suppression_pattern, _text_pairs(text))
+    if tag:
+        return f"fat-suppression keyword in {tag} (rule fat_suppression_pattern)"
     options = [o.strip() for o in re.split(r"[\\/,\s]+", scan_options.upper()) if o.strip()]
     for option in options:
-        if option == "FS" or re.fullmatch(rules.fat_suppression_pattern, option):
-            return f"{option} in ScanOptions"
+        if option == "FS" or re.search(rules.fat_suppression_pattern, option):
+            return "fat-suppression option in ScanOptions (rule fat_suppression_pattern)"
     if (
         "IR" in re.split(r"[\\/,\s]+", scanning_sequence.upper())
         and inversion_time_ms is not None
@@ -802,7 +876,9 @@ def ingest(
     if not headers:
         msg = f"no DICOM image files found ({n_files} files looked at, {skipped} skipped)"
         raise InputFileError(dicom_dir, msg)
-    secret = _load_secret(secret_path, key_path)
+    with _key_lock(key_path):
+        secret = _load_secret(secret_path, key_path)
+    _check_origin(out_dir, key_path, secret)
 
     by_patient: dict[str, dict[tuple[str, str], list[_SliceHeader]]] = defaultdict(
         lambda: defaultdict(list)
@@ -826,7 +902,7 @@ def ingest(
         log.info("%s: %d series", subject, len(series_list))
         run = 0
         for index, series in enumerate(series_list, start=1):
-            row = _ingest_series(series, subject, index, run + 1, out_dir, rules)
+            row = _ingest_series_safely(series, subject, index, run + 1, out_dir, rules)
             rows.append(row)
             if row["status"] == "written":
                 run += 1
@@ -849,7 +925,9 @@ def ingest(
 
     table = pd.DataFrame(rows, columns=list(INGEST_COLUMNS))
     atomic_write_text(out_dir / "ingest.csv", table.to_csv(index=False))
-    _write_key(key_path, key_rows)
+    _write_origin(out_dir, key_path, secret)
+    with _key_lock(key_path):  # read, merge and write the key as one step
+        _write_key(key_path, key_rows)
     log.info(
         "ingest: %d series from %d patients, %d written, %d refused, %d skipped; key in %s",
         len(table),
@@ -1028,6 +1106,36 @@ def _series_sort_key(series: list[_SliceHeader]) -> tuple:
     return (h.study_date, h.study_time, h.study_uid, number, h.series_uid)
 
 
+def _ingest_series_safely(
+    series: list[_SliceHeader],
+    subject: str,
+    index: int,
+    run: int,
+    out_dir: Path,
+    rules: IngestRules,
+) -> dict[str, Any]:
+    """:func:`_ingest_series`, but an unexpected error refuses this series only.
+
+    The row names the exception type, never its message (which can repeat a header value);
+    an output that cannot be written still stops the ingest (:class:`OutputError`).
+    """
+    try:
+        return _ingest_series(series, subject, index, run, out_dir, rules)
+    except OutputError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (one bad series must not stop the others)
+        row: dict[str, Any] = dict.fromkeys(INGEST_COLUMNS, "")
+        row.update(
+            subject=subject,
+            series=index,
+            n_slices=len(series),
+            status="refused",
+            issues=f"header: series cannot be processed ({type(exc).__name__})",
+        )
+        log.warning("%s series %d: refused %s", subject, index, row["issues"])
+        return row
+
+
 def _ingest_series(
     series: list[_SliceHeader],
     subject: str,
@@ -1079,7 +1187,8 @@ def _ingest_series(
     if tilt > rules.max_axial_angle_deg:
         issues.append(("non_axial", f"slice normal {tilt:.0f} deg from the head-foot axis"))
         return finish("skipped")
-    is_t2, why = classify_t2(first.text, first.echo_time_ms, first.repetition_time_ms, rules)
+    texts = first.texts or first.text
+    is_t2, why = classify_t2(texts, first.echo_time_ms, first.repetition_time_ms, rules)
     if not is_t2:
         issues.append(("not_t2", why))
         return finish("skipped")
@@ -1087,12 +1196,16 @@ def _ingest_series(
 
     refusing: set[str] = set()
     fat = detect_fat_suppression(
-        first.text, first.scan_options, first.scanning_sequence, first.inversion_time_ms, rules
+        texts, first.scan_options, first.scanning_sequence, first.inversion_time_ms, rules
     )
     if fat:
         issues.append(("fat_suppressed", fat))
         if not rules.allow_fat_suppressed:
             refusing.add("fat_suppressed")
+    if any(h.burned_in for h in series):
+        issues.append(("burned_in", "BurnedInAnnotation YES (text in the pixels)"))
+        if not rules.allow_burned_in:
+            refusing.add("burned_in")
     if len({h.echo_number for h in series}) > 1:
         issues.append(("duplicate_slices", "several echoes in one series"))
         refusing.add("duplicate_slices")
@@ -1196,9 +1309,64 @@ def _load_secret(secret_path: Path, key_path: Path) -> bytes:
         )
         raise ConfigError(msg)
     text = secrets.token_hex(32)
-    _write_private(secret_path, text + "\n")
+    try:  # never overwrite a secret: create it only if no one else has (O_EXCL)
+        secret_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _load_secret(secret_path, key_path)
+    except OSError as exc:
+        msg = f"{secret_path}: cannot create the pseudonym secret ({exc.strerror})"
+        raise OutputError(msg) from exc
+    try:
+        os.write(fd, (text + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     log.info("created pseudonym secret %s (keep it with the key, private)", secret_path)
     return text.encode("utf-8")
+
+
+def _key_lock(key_path: Path) -> Any:
+    """Exclusive lock shared by every ingest that uses this key (and its secret)."""
+    from helpers.locks import file_lock
+
+    lock = key_path.with_name(key_path.name + ".lock")
+    return file_lock(lock, "the pseudonym key (another ingest)", wait_s=KEY_LOCK_WAIT_S,
+                     command="esma ingest")  # fmt: skip
+
+
+def _origin(key_path: Path, secret: bytes) -> dict[str, str]:
+    # A keyed check value (no identity, not the secret) and a digest of the key's path.
+    return {"secret_check": pseudonym("esma-secret-check", secret), "key": _path_digest(key_path)}
+
+
+def _check_origin(out_dir: Path, key_path: Path, secret: bytes) -> None:
+    """Refuse to ingest into a folder made with another secret or key (issue 16)."""
+    try:
+        recorded = json.loads((out_dir / ORIGIN_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise InputFileError(out_dir / ORIGIN_NAME, f"unreadable ({exc})") from exc
+    now = _origin(key_path, secret)
+    if recorded.get("secret_check") != now["secret_check"]:
+        msg = (
+            f"{out_dir}: this folder was ingested with another pseudonym secret; the same "
+            "patients would get other pseudonyms. Use the key and secret it was made with, or "
+            "another output folder"
+        )
+        raise ConfigError(msg)
+    if recorded.get("key") != now["key"]:
+        msg = (
+            f"{out_dir}: this folder was ingested with another pseudonym key file than "
+            f"{key_path}; its pseudonyms would be split over two keys. Use the same --key, or "
+            "another output folder"
+        )
+        raise ConfigError(msg)
+
+
+def _write_origin(out_dir: Path, key_path: Path, secret: bytes) -> None:
+    atomic_write_text(out_dir / ORIGIN_NAME, json.dumps(_origin(key_path, secret)) + "\n")
 
 
 def _read_key(key_path: Path) -> list[dict[str, str]]:

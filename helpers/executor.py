@@ -335,6 +335,13 @@ def _format_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: killed (SIGKILL) when the process that started it ends."""
+    from helpers.lifecycle import die_with_parent
+
+    die_with_parent(parent_pid)
+
+
 def _call(func: Callable[[Any], Any], key: str, item: Any, threads: int | None) -> TaskOutcome:
     """Run ``func(item)``, timing it and turning an exception into a failed outcome."""
     if threads is not None:
@@ -400,7 +407,12 @@ def _run_processes(
             for key in [*suspects, *pending]:
                 yield TaskOutcome(key, False, None, error, 0.0)
             return
-        pool = cf.ProcessPoolExecutor(max_workers=config.workers, mp_context=context)
+        pool = cf.ProcessPoolExecutor(
+            max_workers=config.workers,
+            mp_context=context,
+            initializer=_die_with_parent,  # issue 16: no worker outlives the run
+            initargs=(os.getpid(),),
+        )
         in_flight: dict[cf.Future[TaskOutcome], str] = {}
         solo: str | None = None  # the suspect running alone, whose crash is its own
         broken = False

@@ -256,6 +256,72 @@ def _sitk_image(data: NDArray, affine: NDArray[np.float64]) -> Any:
     return img
 
 
+#: Fewest slices on which N4 fits a 3-D field; thinner stacks get one 2-D field per slice.
+_MIN_N4_SLICES = 4
+
+
+def _stack_axis(affine: NDArray[np.float64]) -> int:
+    from helpers.nifti import slice_axis
+
+    return slice_axis(affine)
+
+
+def _n4_by_slice(
+    arr: NDArray[np.float32],
+    zooms: Sequence[float],
+    fit_mask: NDArray[np.bool_],
+    axis: int,
+    *,
+    shrink_factor: int,
+    iterations: Sequence[int],
+    convergence_threshold: float,
+    control_points: int,
+    threads: int,
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """N4 with a 2-D field per slice, for stacks too thin for a 3-D B-spline fit (1-3 slices).
+
+    A slice with fewer than 100 foreground voxels keeps a flat field (no correction).  The
+    field is scaled to median 1 inside the mask, as in :func:`n4_correct`.
+    """
+    import SimpleITK as sitk
+
+    plane_zooms = [float(z) for a, z in enumerate(zooms) if a != axis]
+    log_bias = np.zeros(arr.shape, dtype=np.float64)
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
+    try:
+        for k in range(arr.shape[axis]):
+            plane = np.take(arr, k, axis=axis)
+            plane_mask = np.take(fit_mask, k, axis=axis)
+            if plane_mask.sum() < 100:
+                continue
+            img = sitk.GetImageFromArray(np.ascontiguousarray(plane.T))
+            img.SetSpacing(plane_zooms)
+            mask_img = sitk.GetImageFromArray(np.ascontiguousarray(plane_mask.T.astype(np.uint8)))
+            mask_img.SetSpacing(plane_zooms)
+            factors = [
+                max(1, min(f, n // max(int(control_points), 1)))
+                for f, n in zip(_shrink_factors(plane_zooms, shrink_factor), plane.shape, strict=True)
+            ]
+            small = sitk.Shrink(img, factors) if any(f > 1 for f in factors) else img
+            small_mask = sitk.Shrink(mask_img, factors) if any(f > 1 for f in factors) else mask_img
+            n4 = sitk.N4BiasFieldCorrectionImageFilter()
+            n4.SetNumberOfThreads(int(threads))
+            n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
+            n4.SetConvergenceThreshold(float(convergence_threshold))
+            n4.SetNumberOfControlPoints([int(control_points)] * 2)
+            n4.Execute(small, small_mask)
+            field = np.transpose(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)))
+            index: list[Any] = [slice(None)] * 3
+            index[axis] = k
+            log_bias[tuple(index)] = field
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    log_bias -= float(np.median(log_bias[fit_mask]))
+    bias = np.exp(log_bias).astype(np.float32)
+    return (arr / bias).astype(np.float32), bias
+
+
 def _shrink_factors(zooms: Sequence[float], shrink_factor: int) -> list[int]:
     """Per-axis shrink factors giving roughly ``shrink_factor x`` the finest spacing."""
     target = shrink_factor * min(zooms)
@@ -335,10 +401,22 @@ def n4_correct(
     if fit_mask.sum() < 100:
         msg = "too few foreground voxels for bias-field correction"
         raise ValueError(msg)
+    zooms = [float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)]
+    ax = _stack_axis(affine)
+    if arr.shape[ax] < max(int(control_points), _MIN_N4_SLICES):  # issue 16: 1-3 slices
+        return _n4_by_slice(
+            arr, zooms, fit_mask, ax,
+            shrink_factor=1 if full_resolution else shrink_factor, iterations=iterations,
+            convergence_threshold=convergence_threshold, control_points=control_points,
+            threads=threads,
+        )  # fmt: skip
     img = _sitk_image(arr, affine)
     mask_img = _sitk_image(fit_mask.astype(np.uint8), affine)
-    zooms = [float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)]
     factors = [1, 1, 1] if full_resolution else _shrink_factors(zooms, shrink_factor)
+    # Never shrink an axis below the control-point count (ITK fails on a 1-voxel axis).
+    factors = [
+        max(1, min(f, n // max(int(control_points), 1))) for f, n in zip(factors, arr.shape, strict=True)
+    ]
     # Every ITK filter of the call (shrink, fit, field evaluation) on the same thread count.
     previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))

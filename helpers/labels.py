@@ -48,6 +48,7 @@ __all__ = [
     "lateralization_table",
     "load_labels",
     "parse_labels",
+    "side_contradictions",
     "split_sides",
 ]
 
@@ -534,3 +535,47 @@ def lateralization_table(mask: NDArray, affine: NDArray, labels: LabelTable) -> 
                      "ok": note in ("", "absent"), "note": note})
     return pd.DataFrame(rows, columns=["value", "muscle", "side", "n_voxels", "centroid_x_mm",
                                        "offset_x_mm", "twin_offset_x_mm", "ok", "note"])
+
+
+# ---------------------------------------------------------- sides against anatomy (issue 16)
+def side_contradictions(
+    mask: NDArray, affine: NDArray, labels: LabelTable
+) -> list[tuple[str, int, int, float]]:
+    """Muscles whose right label lies to the patient's left of its left twin (world x, RAS+).
+
+    The same rule as ``esma segment``'s side check (:func:`helpers.segment.side_check`): the
+    centroid of the right label must lie at larger world x than that of the left one.  A
+    label file whose sides are swapped would otherwise be measured silently with every
+    asymmetry's sign flipped.  Muscles with one side absent are not checked.
+
+    Returns
+    -------
+    list of (muscle, right value, left value, separation_mm)
+        ``separation_mm`` = x(right) - x(left), <= 0 for each listed muscle.
+
+    Examples
+    --------
+    >>> t = parse_labels({"labels": [{"value": 1, "muscle": "a", "side": "right"},
+    ...                              {"value": 2, "muscle": "a", "side": "left"}]})
+    >>> m = np.zeros((4, 1, 1), int); m[3] = 1; m[0] = 2    # value 1 at high x: correct
+    >>> side_contradictions(m, np.eye(4), t)
+    []
+    >>> side_contradictions(m[::-1], np.eye(4), t)
+    [('a', 1, 2, -3.0)]
+    """
+    mask = np.asarray(mask)
+    out: list[tuple[str, int, int, float]] = []
+    for muscle in labels.muscles:
+        by_side = {lab.side: lab.value for lab in labels.labels if lab.muscle == muscle and lab.side}
+        if set(by_side) != {"left", "right"}:
+            continue
+        xs = {}
+        for side, value in by_side.items():
+            idx = np.nonzero(mask == value)
+            if not idx[0].size:
+                break
+            xs[side] = float(_world_xy(idx, affine)[0].mean())
+        if len(xs) == 2 and xs["right"] - xs["left"] <= 0:
+            sep = round(xs["right"] - xs["left"], 3)
+            out.append((muscle, by_side["right"], by_side["left"], sep))
+    return out

@@ -78,6 +78,7 @@ from helpers.files import atomic_write_text
 from helpers.labels import LabelTable, load_labels
 from helpers.nifti import (
     Volume,
+    check_axial_stack,
     check_same_grid,
     load_image,
     load_mask,
@@ -214,6 +215,11 @@ class MetricsSettings:
         within about a second.
     n4_iterations : tuple of int
         N4 iterations per fitting level (default (50, 50, 50)).
+    side_check : bool
+        Refuse a sided label file whose right label lies to the patient's left of its left twin
+        (world x; default True).  False measures anyway (the asymmetries' signs then follow the
+        label file, not the anatomy).  Kept out of :meth:`to_dict` while True: it changes no
+        number of a scan that passes.
 
     Examples
     --------
@@ -235,6 +241,7 @@ class MetricsSettings:
     edge_rule: str = "inplane"
     n4_fit_spacing_mm: float = 7.5
     n4_iterations: tuple[int, ...] = (50, 50, 50)
+    side_check: bool = True
 
     def __post_init__(self) -> None:
         _choice("fat_method", self.fat_method, fat.FAT_METHODS)
@@ -242,7 +249,7 @@ class MetricsSettings:
         _choice("cdi_formula", self.cdi_formula, CDI_FORMULAS)
         _choice("lfiar_formula", self.lfiar_formula, LFIAR_FORMULAS)
         _choice("edge_rule", self.edge_rule, EDGE_RULES)
-        for key in ("bias_correction", "pool_psoas"):
+        for key in ("bias_correction", "pool_psoas", "side_check"):
             if not isinstance(getattr(self, key), bool):
                 msg = f"{key}: must be true or false, got {getattr(self, key)!r}"
                 raise ConfigError(msg)
@@ -301,6 +308,8 @@ class MetricsSettings:
         """JSON-ready record (what ``reference.json`` stores)."""
         out = asdict(self)
         out["n4_iterations"] = list(self.n4_iterations)
+        if self.side_check:  # the default changes no number: keep records as before
+            del out["side_check"]
         return out
 
 
@@ -357,8 +366,9 @@ def read_levels(path: str | Path, subject: str | None = None) -> pd.DataFrame:
     Raises
     ------
     InputFileError
-        Missing/unreadable file, missing columns, non-integer or duplicate slices, or no rows
-        for ``subject``; the message names the file.
+        Missing/unreadable file, missing columns, non-integer or duplicate slices, a level
+        named ``all`` (reserved for the whole stack), or no rows for ``subject``; the message
+        names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -400,6 +410,14 @@ def _clean_levels(table: pd.DataFrame, subject: str | None, where: Path | str) -
         msg = f"levels table: slice {int(slice_arr[int(np.argmax(dup))])} is listed twice"
         raise InputFileError(where, msg)
     out = pd.DataFrame({"slice": slice_arr, "level": stripped.array[keep]})
+    reserved = out["level"].str.lower() == ALL_LEVELS
+    if reserved.any():  # issue 16: would give a second, different level=all row
+        first = int(out["slice"].to_numpy()[int(np.argmax(reserved.to_numpy(dtype=bool)))])
+        msg = (
+            f"levels table: level {out['level'].iloc[int(np.argmax(reserved))]!r} (slice {first}) "
+            f"is reserved for the whole-stack rows ({ALL_LEVELS!r}); name the level otherwise"
+        )
+        raise InputFileError(where, msg)
     out.attrs["path"] = str(where)
     return out
 
@@ -593,6 +611,7 @@ def _measure(
             msg = f"expected a 3-D volume, got {np.ndim(vol.data)}-D data of shape {np.shape(vol.data)}"
             raise InputFileError(where, msg)
     check_same_grid(image, mask)
+    check_axial_stack(image.affine, image.path)  # issue 16: sagittal/coronal/oblique refused
     n_bad = int(np.count_nonzero(~np.isfinite(image.data)))
     if n_bad:
         raise InputFileError(image.path or Path("<image>"), f"{n_bad} voxels are NaN or infinite")
@@ -616,6 +635,8 @@ def _measure(
     if vertebra:
         mask_arr = np.where(np.isin(mask_arr, list(vertebra)), 0, mask_arr).astype(mask_arr.dtype)
     table = LabelTable(muscle_labels, labels.path)
+    if settings.side_check and table.is_sided():
+        _refuse_swapped_sides(mask_arr, affine, table, mask.path)
     if not table.is_sided():
         mask_arr, table = _split_unsided(mask_arr, affine, table)
         mask_arr = np.ascontiguousarray(mask_arr)
@@ -645,9 +666,15 @@ def _measure(
     if settings.bias_correction:
         t0 = time.perf_counter()
         shrink = max(1, round(settings.n4_fit_spacing_mm / min(image.zooms_mm)))
-        work, bias = fat.n4_correct(
-            img, affine, body, shrink_factor=shrink, iterations=settings.n4_iterations,
-        )
+        try:
+            work, bias = fat.n4_correct(
+                img, affine, body, shrink_factor=shrink, iterations=settings.n4_iterations,
+            )
+        except RuntimeError as exc:  # ITK's own errors: one line, naming the file (issue 16)
+            first = " ".join(str(exc).split())[:200]
+            msg = (f"bias-field correction (N4) failed ({first}); "
+                   "measure without it (--no-bias-correction / metrics.bias_correction: false)")
+            raise InputFileError(where_image, msg) from exc
         # Shading probe: the subcutaneous fat band, split at the muscles' midline (world x).
         x = np.broadcast_to(_world_x(img.shape, affine), img.shape)
         x_mid = float(x[muscle].mean())
@@ -741,6 +768,28 @@ def _measure(
     )
     reference["seconds"] = round(time.perf_counter() - t_start, 3)
     return MeasureResult(metrics, asym, reference, fraction_map)
+
+
+def _refuse_swapped_sides(
+    mask_arr: NDArray, affine: NDArray[np.float64], table: LabelTable, mask_path: Path | None
+) -> None:
+    """Raise :class:`LabelError` when the label file's sides contradict the anatomy (issue 16)."""
+    from helpers.labels import side_contradictions
+
+    wrong = side_contradictions(mask_arr, affine, table)
+    if not wrong:
+        return
+    muscle, right, left, sep = wrong[0]
+    mask_name = mask_path.name if mask_path else "the mask"
+    more = f" (and {len(wrong) - 1} more muscles)" if len(wrong) > 1 else ""
+    msg = (
+        f"left and right contradict the anatomy in {mask_name}: the right {muscle} (label "
+        f"{right}) lies {abs(sep):.1f} mm to the patient's left of the left one (label {left}; "
+        f"world x, RAS+){more}; every asymmetry would change sign. Check the label file's "
+        "sides and the image orientation, or measure anyway with --no-side-check "
+        "(metrics.side_check: false)"
+    )
+    raise LabelError(table.path or mask_path or Path("<labels>"), msg)
 
 
 def _world_x(shape: tuple[int, ...], affine: NDArray[np.float64]) -> NDArray:

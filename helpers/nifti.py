@@ -21,13 +21,18 @@ from helpers.files import atomic_path
 
 __all__ = [
     "AFFINE_TOLERANCE_MM",
+    "MAX_AXIAL_TILT_DEG",
+    "STACK_THICKNESS_RATIO",
     "Volume",
+    "check_axial_stack",
     "check_same_grid",
     "load_image",
     "load_mask",
     "save_like",
     "slice_axis",
+    "stack_orientation",
     "subject_from_filename",
+    "verify_gzip",
     "voxel_area_mm2",
 ]
 
@@ -91,6 +96,8 @@ def _read(path: str | Path) -> tuple[nib.Nifti1Image, NDArray]:
     path = Path(path)
     if not path.is_file():
         raise InputFileError(path, "file not found")
+    if path.name.endswith(".gz"):
+        verify_gzip(path)
     try:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
@@ -110,6 +117,30 @@ def _read(path: str | Path) -> tuple[nib.Nifti1Image, NDArray]:
     if abs(float(np.linalg.det(img.affine[:3, :3]))) < 1e-9:
         raise InputFileError(path, "affine is singular (a zero voxel size or collapsed axes)")
     return img, data
+
+
+def verify_gzip(path: str | Path) -> None:
+    """Read a gzip file to its end so that its CRC-32 and length are checked.
+
+    nibabel stops reading once it has the voxels it needs, so the checksum in the gzip trailer
+    is never compared: a file with flipped bits in its voxel data would be measured.
+
+    Raises
+    ------
+    InputFileError
+        The stream is damaged (CRC or length mismatch, truncated, not gzip).
+    """
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        msg = (
+            f"unreadable or truncated NIfTI: corrupt gzip stream ({type(exc).__name__}: {exc}); "
+            "the voxel data cannot be trusted: copy or export the file again"
+        )
+        raise InputFileError(path, msg) from exc
 
 
 def load_image(path: str | Path) -> Volume:
@@ -238,3 +269,114 @@ def save_like(data: NDArray, reference: Volume | nib.Nifti1Image, target: str | 
     with atomic_path(target) as tmp:
         nib.save(img, tmp)
     return Path(target)
+
+
+# ------------------------------------------------------------- stack orientation (issue 16)
+#: Largest angle (degrees) between the slice normal and the head-foot axis of an axial stack
+#: (the DICOM ingest's ``max_axial_angle_deg`` default).
+MAX_AXIAL_TILT_DEG = 30.0
+#: An array axis at least this many times thicker than both others is the stack's slice axis
+#: (a 2-D multi-slice acquisition); otherwise the axis closest to head-foot is.
+STACK_THICKNESS_RATIO = 2.0
+#: A stack tilted at least this much (degrees) is named sagittal or coronal, not oblique.
+_NAMED_PLANE_DEG = 60.0
+
+
+def stack_orientation(affine: NDArray[np.float64]) -> tuple[int, float, str]:
+    """Slice axis, tilt and plane of a stack of slices, from its affine.
+
+    The slice axis is the array axis at least :data:`STACK_THICKNESS_RATIO` times thicker than
+    both others (the acquired slices of a 2-D multi-slice scan, whatever their orientation);
+    on a near-isotropic grid it is the axis closest to the head-foot direction
+    (:func:`slice_axis`), since such a grid can be cut axially.  The tilt is the angle between
+    the normal of the slice planes (cross product of the two in-plane axes, so a sheared grid is
+    handled) and the head-foot axis.
+
+    Parameters
+    ----------
+    affine : ndarray, shape (4, 4)
+        Voxel index to RAS+ world (mm).
+
+    Returns
+    -------
+    axis : int
+        The slice axis.
+    tilt_deg : float
+        Angle (degrees, 0 to 90) between the slice normal and world z.
+    plane : str
+        ``"axial"`` (tilt at most 45 degrees), else ``"sagittal"`` or ``"coronal"`` by the
+        normal's larger component (x or y).
+
+    Examples
+    --------
+    >>> stack_orientation(np.diag([0.7, 0.7, 4.0, 1.0]))
+    (2, 0.0, 'axial')
+    >>> sagittal = np.array([[0, 0, 4.0, 0], [0.7, 0, 0, 0], [0, 0.7, 0, 0], [0, 0, 0, 1]])
+    >>> stack_orientation(sagittal)
+    (2, 90.0, 'sagittal')
+    """
+    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+    zooms = np.linalg.norm(cols, axis=0)
+    thick = int(np.argmax(zooms))
+    others = [a for a in range(3) if a != thick]
+    if zooms[thick] >= STACK_THICKNESS_RATIO * max(zooms[others]):
+        axis = thick
+    else:
+        axis = slice_axis(affine)
+    in_plane = [a for a in range(3) if a != axis]
+    normal = np.cross(cols[:, in_plane[0]], cols[:, in_plane[1]])
+    normal /= np.linalg.norm(normal)
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(float(normal[2]))))))
+    if tilt <= 45.0:
+        plane = "axial"
+    else:
+        plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
+    return axis, round(tilt, 6), plane
+
+
+def check_axial_stack(
+    affine: NDArray[np.float64],
+    path: str | Path | None = None,
+    *,
+    max_tilt_deg: float = MAX_AXIAL_TILT_DEG,
+) -> float:
+    """Refuse a sagittal, coronal or too oblique stack; return its tilt (degrees).
+
+    Per-slice areas and levels assume axial slices: a sagittal stack would be cut into
+    "slices" along its in-plane rows and measured into meaningless numbers.
+
+    Parameters
+    ----------
+    affine : ndarray, shape (4, 4)
+        Voxel index to RAS+ world (mm).
+    path : str or Path, optional
+        The file, for the message.
+    max_tilt_deg : float
+        Largest accepted angle between the slice normal and the head-foot axis.
+
+    Returns
+    -------
+    float
+        The tilt of the slices from axial (degrees).
+
+    Raises
+    ------
+    InputFileError
+        The stack is not axial, or tilted more than ``max_tilt_deg``; the message names the
+        file, the plane and the angle.
+
+    Examples
+    --------
+    >>> check_axial_stack(np.diag([0.7, 0.7, 4.0, 1.0]))
+    0.0
+    """
+    _, tilt, plane = stack_orientation(affine)
+    if tilt > max_tilt_deg:
+        what = f"a {plane} stack" if tilt >= _NAMED_PLANE_DEG else "an oblique stack"
+        msg = (
+            f"not an axial stack: {what} (slice normal {tilt:.0f} deg from the head-foot axis, "
+            f"more than {max_tilt_deg:g}); CSA and fat infiltration need axial slices: use the "
+            "axial T2 series or reformat"
+        )
+        raise InputFileError(Path(path) if path is not None else Path("<image>"), msg)
+    return tilt

@@ -55,6 +55,7 @@ import yaml
 from helpers.config import Study, load_study, resolved_document
 from helpers.errors import ConfigError, EsmaError, InputFileError, OutputError
 from helpers.files import atomic_write_bytes, atomic_write_text, sha256_file
+from helpers.locks import hold_output_lock
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -86,6 +87,8 @@ except metadata.PackageNotFoundError:  # pragma: no cover - source tree without 
     __version__ = "0.0.0+unknown"
 
 EXIT_OK, EXIT_PARTIAL, EXIT_BAD_INPUT = 0, 1, 2
+#: A notebook stopped on an infrastructure error (disk full, unwritable output): issue 16.
+EXIT_INFRASTRUCTURE = 3
 #: Exit code recorded in the manifest of a run that has not finished (running or killed).
 EXIT_RUNNING = -1
 #: Folder of the pipeline notebooks (the repository's ``notebooks/``).
@@ -237,6 +240,7 @@ def open_study(study: str | Path, run_dir: str | Path = "") -> tuple[Study, RunP
     shows file names but never the folders they live in.
     """
     _notebook_logging()
+    _kernel_dies_with_run()  # issue 16: a killed esma run takes its kernel (and workers) along
     s = load_study(study)
     if s.ingest is not None and not s.subjects:
         msg = (
@@ -247,6 +251,22 @@ def open_study(study: str | Path, run_dir: str | Path = "") -> tuple[Study, RunP
         raise ConfigError(msg)
     return s, run_paths(s, run_dir)
 
+
+def _kernel_dies_with_run() -> None:
+    """In a notebook kernel started by ``esma run``: die (SIGKILL) when the run's process ends.
+
+    Only in a kernel whose parent is an ``esma``/papermill process started for a run (the
+    environment variable ``ESMA_RUN_PID`` names it); an interactive Jupyter kernel is left alone.
+    """
+    parent = os.environ.get(RUN_PID_ENV)
+    if parent and parent.isdigit() and int(parent) == os.getppid():
+        from helpers.lifecycle import die_with_parent
+
+        die_with_parent(int(parent))
+
+
+#: Environment variable naming the ``esma run`` process to its notebook kernels.
+RUN_PID_ENV = "ESMA_RUN_PID"
 
 #: An absolute path: folders (which may hold spaces) then a file name (which may not).
 _PATH_RE = re.compile(
@@ -429,6 +449,7 @@ def execute_notebook(
     stream_kwargs: dict[str, Any] = {}
     if stream_output:
         stream_kwargs = {"log_output": True, "stdout_file": sys.stderr, "stderr_file": sys.stderr}
+    os.environ[RUN_PID_ENV] = str(os.getpid())  # the kernel inherits it (see open_study)
     try:
         pm.execute_notebook(
             str(notebook),
@@ -579,6 +600,7 @@ class RunResult:
     seconds: float
 
 
+@hold_output_lock  # issue 16: one esma run per output at a time
 def run_study(
     study_path: str | Path,
     *,
@@ -719,6 +741,8 @@ def run_study(
     if bad_input and failures.empty:
         # a notebook stopped on an input esma refuses (not caused by failed subjects)
         exit_code = EXIT_BAD_INPUT
+    elif any((not r.ok) and r.error_name == "OutputError" for r in runs):
+        exit_code = EXIT_INFRASTRUCTURE  # the run failed, not the input (issue 16)
     elif stopped or not failures.empty:
         exit_code = EXIT_PARTIAL
     else:
@@ -1063,6 +1087,7 @@ def write_index(
         EXIT_OK: "completed",
         EXIT_PARTIAL: "completed with failures",
         EXIT_BAD_INPUT: "stopped: invalid input",
+        EXIT_INFRASTRUCTURE: "stopped: could not write its outputs (disk full?)",
         EXIT_RUNNING: "not finished (still running, or interrupted)",
     }.get(int(manifest["exit_code"]), "unknown")
     nb_rows = []
@@ -1107,7 +1132,7 @@ def write_index(
         for c in manifest["checksums"]
     )
     empty = '<tr><td colspan="3">none</td></tr>'
-    ingest_section = _ingest_section(run_dir)
+    ingest_section = _warnings_section(run_dir) + _ingest_section(run_dir)
     description = e(manifest.get("description") or "")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -1634,7 +1659,38 @@ def check_model_labels(study: Study, paths: RunPaths) -> str | None:
         f"{sorted(declared - model)}; measurements of segmented subjects use the model's labels"
     )
     log.warning("%s", msg)
+    record_run_warning(paths.run_dir, msg)  # issue 16: shown in index.html too
     return msg
+
+
+# ------------------------------------------------------------ run warnings (issue 16)
+#: Warnings of a run's stages that index.html shows (one JSON list in the run folder).
+RUN_WARNINGS_NAME = "warnings.json"
+
+
+def record_run_warning(run_dir: Path, message: str) -> None:
+    """Add ``message`` to the run's warnings (shown in ``index.html``), once."""
+    path = Path(run_dir) / RUN_WARNINGS_NAME
+    found = read_run_warnings(run_dir)
+    if message not in found:
+        atomic_write_text(path, json.dumps([*found, message], indent=2))
+
+
+def read_run_warnings(run_dir: Path) -> list[str]:
+    """The run's recorded warnings (none when the file is missing or unreadable)."""
+    try:
+        found = json.loads((Path(run_dir) / RUN_WARNINGS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(m) for m in found] if isinstance(found, list) else []
+
+
+def _warnings_section(run_dir: Path) -> str:
+    found = read_run_warnings(run_dir)
+    if not found:
+        return ""
+    items = "".join(f"<li>{html.escape(redact_paths(m))}</li>" for m in found)
+    return f'<h2>Warnings</h2>\n<ul class="bad">{items}</ul>\n'
 
 
 def _levels_for(study: Study, subject: str) -> str | None:
@@ -2032,7 +2088,12 @@ def qc_stage(
     summary = qc.summarize_qc(table, subjects=list(tasks))
     atomic_write_text(paths.file("qc.csv"), table.to_csv(index=False))
     atomic_write_text(paths.file("qc_summary.csv"), summary.to_csv(index=False))
-    decisions = qc.init_decisions(summary, paths.decisions)
+    # issue 16: a QC task that could not run (disk full, killed worker) is a failure of the
+    # run, listed in failures_qc.csv, never a decision about the subject: no row is seeded.
+    could_not_run = [r["subject"] for r in status_rows if r["status"] == "failed"]
+    decisions = qc.init_decisions(
+        summary[~summary["subject"].isin(could_not_run)], paths.decisions
+    )
     atomic_write_text(paths.file("qc_decisions.csv"), decisions.to_csv(index=False))
     excluded = current_exclusions(study, paths)
     summary = summary.merge(

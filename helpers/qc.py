@@ -1838,6 +1838,16 @@ def init_decisions(qc_summary: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     existing = read_decisions(path) if path.exists() else pd.DataFrame(columns=DECISION_COLUMNS)
+    stale = _infrastructure_rows(existing)
+    if stale.any():  # issue 16: an auto-qc row made from a QC that could not run is no decision
+        dropped = sorted(existing.loc[stale, "subject"])
+        log.warning(
+            "decisions: %d auto-qc rows came from a QC that could not run (%s); re-seeded "
+            "from this QC", len(dropped), ", ".join(dropped[:5]),
+        )
+        raw = _read_raw(path)
+        _write_decisions(path, raw[~raw["subject"].str.strip().isin(dropped)])
+        existing = existing[~stale]
     known = set(existing["subject"])
     new_rows = []
     stamp = _now()
@@ -1865,6 +1875,18 @@ def init_decisions(qc_summary: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     _write_decisions(path, merged)
     log.info("decisions: %d subjects added to %s", len(new_rows), path.name)
     return read_decisions(path)
+
+
+#: Reason text of a QC row made because the QC task itself failed (not a finding).
+QC_NOT_RUN = "QC could not run"
+
+
+def _infrastructure_rows(decisions: pd.DataFrame) -> pd.Series:
+    """Auto-qc rows whose only basis was a QC task that could not run (disk full, ...)."""
+    if decisions.empty:
+        return pd.Series(False, index=decisions.index)
+    auto = decisions["reviewer"].astype(str) == AUTO_REVIEWER
+    return auto & decisions["reason"].astype(str).str.contains(QC_NOT_RUN, regex=False)
 
 
 def set_decision(

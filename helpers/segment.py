@@ -476,7 +476,8 @@ def find_images(path: str | Path) -> list[Path]:
     Raises
     ------
     InputFileError
-        Missing path, or a folder without images.
+        Missing path, a folder without images, or two image files of one subject
+        (``sub-01_T2w.nii.gz`` and ``sub-01.nii.gz``), naming both.
     """
     path = Path(path)
     if path.is_file():
@@ -489,7 +490,27 @@ def find_images(path: str | Path) -> list[Path]:
     chosen = t2w or [p for p in files if not _MASK_NAME.search(p.name)]
     if not chosen:
         raise InputFileError(path, "folder holds no .nii/.nii.gz images")
+    _refuse_two_files_per_subject(path, [p for p in files if not _MASK_NAME.search(p.name)])
     return chosen
+
+
+def _refuse_two_files_per_subject(folder: Path, images: Sequence[Path]) -> None:
+    """Raise when two image files of ``folder`` give the same subject ID (issue 16).
+
+    Taking one of them silently (``_T2w`` first) could segment the wrong scan.
+    """
+    by_subject: dict[str, list[str]] = {}
+    for image in images:
+        by_subject.setdefault(subject_from_filename(image), []).append(image.name)
+    clashes = {s: names for s, names in by_subject.items() if len(names) > 1}
+    if clashes:
+        subject, names = next(iter(sorted(clashes.items())))
+        more = f" (and {len(clashes) - 1} more subjects)" if len(clashes) > 1 else ""
+        msg = (
+            f"{' and '.join(names)} are two images of subject {subject!r}{more}; "
+            "keep one per subject (move or rename the other)"
+        )
+        raise InputFileError(folder, msg)
 
 
 # ----------------------------------------------------------------------------------- runtime

@@ -66,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -237,6 +238,19 @@ def load_scores(path: str | Path) -> pd.DataFrame:
     df = _read_csv(path, "scores table")
     if "subject" not in df.columns:
         raise InputFileError(path, f"missing column 'subject' (columns: {list(df.columns)})")
+    items = sorted(c for c in df.columns if re.fullmatch(r"(odi|srs)_\d+|joa_(?!total|recov)\w+", c))
+    derived = set(NUMERIC_SCORES) - {c for c in NUMERIC_SCORES if c.startswith("vas_")}
+    if not set(NUMERIC_SCORES) & set(df.columns) or (items and not derived & set(df.columns)):
+        # issue 16: a raw clinical table (questionnaire items, VAS at most) is not scores
+        hint = (
+            f" It holds questionnaire items ({', '.join(items[:3])}, ...): score them first "
+            "with esma scores" if items else ""
+        )
+        msg = (
+            f"not a scores table: no score column (odi_pct, srs_total, joa_total, ...) is "
+            f"present.{hint}"
+        )
+        raise InputFileError(path, msg)
     dup = df["subject"].duplicated(keep=False)
     if dup.any():
         subject = df.loc[dup, "subject"].iloc[0]

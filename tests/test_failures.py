@@ -553,7 +553,7 @@ def test_esma_metrics_refuses_a_fat_suppressed_image(scan, tmp_path, capsys):
 def test_esma_metrics_output_folder_not_writable(scan, tmp_path, capsys):
     blocker = tmp_path / "results"
     blocker.write_text("a file, not a folder")
-    assert cli.main(esma_metrics(scan, blocker / "out")) == cli.EXIT_BAD_INPUT
+    assert cli.main(esma_metrics(scan, blocker / "out")) == cli.EXIT_INFRASTRUCTURE  # issue 16
     err = capsys.readouterr().err
     assert re.search(r"esma metrics: error: .*results/out/\S+: cannot write output", err), err
 
@@ -570,7 +570,7 @@ def test_esma_metrics_disk_full_leaves_nothing_half_written(scan, tmp_path, monk
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", full_after_first)
-    assert cli.main(esma_metrics(scan, out)) == cli.EXIT_BAD_INPUT
+    assert cli.main(esma_metrics(scan, out)) == cli.EXIT_INFRASTRUCTURE  # 3, not "bad input"
     assert "cannot write output (disk full)" in capsys.readouterr().err
     left = sorted(p.name for p in out.iterdir())
     assert not [n for n in left if ".tmp" in n], left  # no temporary file left behind

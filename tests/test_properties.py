@@ -198,7 +198,10 @@ def test_random_masks_and_intensities_never_crash():
             nib.save(nib.Nifti1Image(scan["mask"], scan["affine"]), mask_path)
             labels_path.write_text(labels_text)
             scan = dict(scan, affine=nib.load(image_path).affine)  # as stored (float32)
-            settings_ = MetricsSettings(bias_correction=False, fat_method=scan["method"])
+            # random boxes are no anatomy: the side check (tested in test_attack2) is off
+            settings_ = MetricsSettings(
+                bias_correction=False, fat_method=scan["method"], side_check=False
+            )
             refusal: EsmaError | None = None
             try:
                 result = measure_files(image_path, mask_path, labels_path, settings=settings_)
