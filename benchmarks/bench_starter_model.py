@@ -84,13 +84,20 @@ def segment(model: Path, images: list[Path], out: Path, fast: bool = False) -> p
 def score(model: Path, cases: dict[str, tuple[Path, Path]], work: Path) -> pd.DataFrame:
     """Dice per case and sided label with esma's default settings."""
     rows = segment(model, [v[0] for v in cases.values()], work)
-    if (rows["status"] == "failed").any():
-        raise SystemExit(f"segmentation failed: {rows.loc[rows['status'] == 'failed', 'error'].tolist()}")
+    refused = dict(zip(rows["subject"], rows["error"].where(rows["status"] == "failed"),
+                       strict=True))
     labels = load_labels(EXAMPLE / "labels.json")
-    pairs = {}
+    pairs, out = {}, []
     for case, (img, ref) in cases.items():
-        pairs[case] = (work / f"{subject_from_filename(img)}.nii.gz", ref)
-    return evaluate_masks(pairs, labels)
+        subject = subject_from_filename(img)
+        if isinstance(refused.get(subject), str):  # refused by esma's checks: Dice 0
+            print(f"{model.name}: {case} refused: {refused[subject]}")
+            out += [{"subject": case, "value": lab.value, "muscle": lab.muscle,
+                     "side": lab.side, "dice": 0.0, "refused": True} for lab in labels.labels]
+        else:
+            pairs[case] = (work / f"{subject}.nii.gz", ref)
+    table = evaluate_masks(pairs, labels).assign(refused=False)
+    return pd.concat([table, pd.DataFrame(out)], ignore_index=True) if out else table
 
 
 def totalseg_agreement(model: Path, work: Path) -> list[dict]:
@@ -131,6 +138,7 @@ def speed(model: Path, work: Path) -> dict:
     pad[: vol.shape[0], : vol.shape[1]] = vol
     pad += rng.normal(0, 1, pad.shape).astype(np.float32)
     aff = np.diag([1.0, 1.0, 4.0, 1.0])
+    work.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(2):
         path = work / f"spd-{k}_T1w.nii.gz"
@@ -148,21 +156,29 @@ def speed(model: Path, work: Path) -> dict:
 
 
 def _summary(df: pd.DataFrame) -> dict:
+    """Mean and min Dice per sided label; a refused case counts as Dice 0."""
     g = df.groupby(["muscle", "side"])["dice"]
-    return {f"{m}:{s}": {"mean": round(float(v.mean()), 3), "min": round(float(v.min()), 3),
-                         "n": int(v.size)} for (m, s), v in g}
+    out = {f"{m}:{s}": {"mean": round(float(v.mean()), 3), "min": round(float(v.min()), 3),
+                        "n": int(v.size)} for (m, s), v in g}
+    out["refused_cases"] = int(df.loc[df["refused"], "subject"].nunique())
+    return out
 
 
 def _dice_table(result: dict, key: str, models: list[str]) -> list[str]:
     rows = ["| muscle | side | " + " | ".join(models) + " |",
             "| --- | --- | " + " | ".join("---:" for _ in models) + " |"]
     for name in result["models"][models[0]][key]:
+        if ":" not in name:
+            continue
         muscle, side = name.split(":")
         cells = []
         for m in models:
             d = result["models"].get(m, {}).get(key, {}).get(name)
             cells.append(f"{d['mean']:.3f} (min {d['min']:.3f})" if d else "-")
         rows.append(f"| {muscle} | {side} | " + " | ".join(cells) + " |")
+    refused = [str(result["models"].get(m, {}).get(key, {}).get("refused_cases", 0))
+               for m in models]
+    rows.append("| cases refused by esma's checks (Dice 0) | | " + " | ".join(refused) + " |")
     return rows
 
 
@@ -275,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-heldout", type=int, default=4, help="held-out cases of each kind")
     p.add_argument("--out", type=Path, default=RESULT)
+    p.add_argument("--starter", type=Path, default=STARTER, help="the model to score")
     p.add_argument("--card", action="store_true",
                    help="also rewrite data/starter_model/MODEL_CARD.md from the results")
     args = p.parse_args(argv)
@@ -283,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cases = heldout_cases(work / "heldout", args.n_heldout)
     example = {"sub-0001": (EXAMPLE / "sub-0001_T1w.nii.gz", EXAMPLE / "sub-0001_T1w_dseg.nii.gz")}
-    models = {"starter": STARTER, "demo": DEMO}
+    models = {"starter": args.starter, "demo": DEMO}
     if LOSO.is_file():
         models["starter_loso"] = LOSO
     result: dict = {"machine": {"platform": platform.platform(), "cores": os.cpu_count()},
@@ -312,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
-    training = STARTER.with_name("training.json")
+    training = args.starter.with_name("training.json")
     if args.card and training.is_file() and "starter" in result["models"]:
         write_card(result, json.loads(training.read_text(encoding="utf-8")),
-                   STARTER.with_name("MODEL_CARD.md"))
-        print(f"wrote {STARTER.with_name('MODEL_CARD.md')}")
+                   args.starter.with_name("MODEL_CARD.md"))
+        print(f"wrote {args.starter.with_name('MODEL_CARD.md')}")
     return 0
 
 

@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ESMA_CACHE", str(args.work / "cache"))
     t0, c0 = time.perf_counter(), _cpu()
+    # Every invocation on this work folder is recorded, so that a resumed training reports the
+    # wall time of all its parts (an interrupted part ends where the next one starts).
+    ledger_path = args.work / "runs.json"
+    ledger = json.loads(ledger_path.read_text(encoding="utf-8")) if ledger_path.is_file() else []
+    ledger.append({"start": time.time(), "argv": sys.argv[1:] if argv is None else list(argv)})
+    atomic_write_text(ledger_path, json.dumps(ledger, indent=2) + "\n")
     stages: dict[str, float] = {}
     counts = {"phantom": args.n_phantom, "template": args.n_template,
               "example": args.n_example, "real": args.n_real}
@@ -163,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                          metadata={"training_data": note})
     stages["train_model"] = time.perf_counter() - t
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    ledger[-1].update({"end": time.time(), "cpu_seconds": round(cpu, 1)})
+    atomic_write_text(ledger_path, json.dumps(ledger, indent=2) + "\n")
+    ends = [r.get("end", nxt["start"]) for r, nxt in zip(ledger, [*ledger[1:], ledger[-1]],
+                                                          strict=True)]
+    wall_all = sum(e - r["start"] for r, e in zip(ledger, ends, strict=True))
     args.out.mkdir(parents=True, exist_ok=True)
     name = MODEL_NAME if args.leave_out == "none" else "esma_starter_model_loso.zip"
     final = args.out / name
@@ -173,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "model": final.name, "sha256": digest, "leave_out": args.leave_out, "counts": counts,
         "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
-        "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+        "wall_seconds": round(wall_all, 1), "cpu_seconds": round(cpu, 1),
+        "wall_seconds_last_run": round(wall, 1), "runs": ledger,
         "stages_seconds": {k: round(v, 1) for k, v in {**stages, **result.stage_seconds}.items()},
         "load_average": list(os.getloadavg()), "cores": os.cpu_count(),
         "nnunet_validation": result.validation.groupby("muscle")["dice"].mean().round(4).to_dict(),
