@@ -6,8 +6,9 @@ the head.  :func:`check_scan` refuses those before segmentation, naming the file
 from the image and its affine alone (no mask is needed):
 
 ``plane``
-    The stack's slice direction (its thickest axis; for near-isotropic voxels the axis closest to
-    the body's long axis) must lie within ``max_tilt_deg`` of the world superior-inferior axis.
+    The stack's slice normal (:func:`helpers.nifti.stack_orientation`: the clearly thickest
+    axis, or for near-isotropic voxels the axis closest to the body's long axis) must lie within
+    ``max_tilt_deg`` of the world superior-inferior axis.
     A sagittal or coronal stack is named as such; an axial one tilted further is "too oblique".
 ``body_size``
     A lumbar cross-section is at least ``min_body_width_mm`` wide (left-right) where the body is
@@ -33,7 +34,7 @@ from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
 from helpers.errors import ConfigError, InputFileError
-from helpers.nifti import Volume, load_image
+from helpers.nifti import Volume, load_image, stack_orientation
 
 __all__ = ["ScanCheckSettings", "ScanFindings", "check_scan", "scan_findings", "stack_plane"]
 
@@ -99,12 +100,10 @@ class ScanFindings:
         return out
 
 
-def stack_plane(affine: NDArray, zooms: tuple[float, float, float] | None = None
-                ) -> tuple[str, float]:
-    """The stack's plane and the tilt (degrees) of its slice direction from the S-I axis.
+def stack_plane(affine: NDArray) -> tuple[str, float]:
+    """The stack's plane and its slice normal's tilt (degrees) from the S-I axis.
 
-    The slice direction is the thickest voxel axis when one is at least 1.2x the others, else
-    the array axis closest to the S-I axis (a near-isotropic volume can be read as axial).
+    :func:`helpers.nifti.stack_orientation` without the slice axis.
 
     Examples
     --------
@@ -113,18 +112,8 @@ def stack_plane(affine: NDArray, zooms: tuple[float, float, float] | None = None
     >>> stack_plane(np.diag([4.0, 0.9, 0.9, 1.0]))
     ('sagittal', 90.0)
     """
-    m = np.asarray(affine, dtype=float)[:3, :3]
-    z = np.sqrt((m ** 2).sum(axis=0)) if zooms is None else np.asarray(zooms, dtype=float)
-    dirs = m / np.where(z > 0, z, 1.0)
-    order = np.argsort(z)[::-1]
-    if z[order[0]] >= 1.2 * z[order[1]]:
-        axis = int(order[0])
-    else:
-        axis = int(np.argmax(np.abs(dirs[2])))
-    d = dirs[:, axis]
-    world = int(np.argmax(np.abs(d)))
-    tilt = float(np.degrees(np.arccos(np.clip(abs(d[2]), 0.0, 1.0))))
-    return _PLANES[world], round(tilt, 3)
+    _axis, tilt, plane = stack_orientation(affine)
+    return plane, round(tilt, 3)
 
 
 def _slice_axis(affine: NDArray) -> int:
@@ -135,7 +124,7 @@ def _slice_axis(affine: NDArray) -> int:
 def scan_findings(volume: Volume, settings: ScanCheckSettings | None = None) -> ScanFindings:
     """Measure what :func:`check_scan` judges (see the module docstring)."""
     settings = settings or ScanCheckSettings()
-    plane, tilt = stack_plane(volume.affine, volume.zooms_mm)
+    plane, tilt = stack_plane(volume.affine)
     data = np.asarray(volume.data, dtype=np.float32)
     k_ax = _slice_axis(volume.affine)
     data = np.moveaxis(data, k_ax, 2)
