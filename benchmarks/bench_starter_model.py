@@ -12,7 +12,8 @@ settings on:
 ``musclemap_sample``
     The real example scan (``data/example``) against its model-made mask: in the training
     data of the shipped model, *not* in that of the leave-one-source-out model
-    (``esma_starter_model_loso.zip``, when present), which is scored too.
+    (``--loso``, made by ``scripts/train_starter_model.py --leave-out musclemap_sample``), scored
+    too when given.
 ``totalseg_mr``
     A real abdominal MR from another site with TotalSegmentator's labels (``../shared``; skipped
     when absent): our erector spinae + multifidus merged against its autochthon per side, our
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-heldout", type=int, default=4, help="held-out cases of each kind")
     p.add_argument("--out", type=Path, default=RESULT)
     p.add_argument("--starter", type=Path, default=STARTER, help="the model to score")
+    p.add_argument("--loso", type=Path, default=LOSO,
+                   help="the leave-one-source-out model (scripts/train_starter_model.py "
+                        "--leave-out musclemap_sample); scored when it exists")
     p.add_argument("--card", action="store_true",
                    help="also rewrite data/starter_model/MODEL_CARD.md from the results")
     args = p.parse_args(argv)
@@ -301,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = heldout_cases(work / "heldout", args.n_heldout)
     example = {"sub-0001": (EXAMPLE / "sub-0001_T1w.nii.gz", EXAMPLE / "sub-0001_T1w_dseg.nii.gz")}
     models = {"starter": args.starter, "demo": DEMO}
-    if LOSO.is_file():
-        models["starter_loso"] = LOSO
+    if args.loso.is_file():
+        models["starter_loso"] = args.loso
     result: dict = {"machine": {"platform": platform.platform(), "cores": os.cpu_count()},
                     "heldout_spec": json.loads(json.dumps(HELDOUT_SPEC.__dict__, default=list)),
                     "n_heldout": len(cases), "models": {}}
