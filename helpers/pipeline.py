@@ -1873,7 +1873,8 @@ def qc_subject(task: QCTask) -> dict[str, Any]:
         check_same_grid(image, mask)
         manual = load_mask(task.manual) if task.manual else None
         rows = qc.check_subject(
-            task.subject, mask, labels, levels=levels, manual=manual, settings=settings
+            task.subject, mask, labels, levels=levels, manual=manual, settings=settings,
+            image=image,
         )
     except EsmaError as exc:
         # unreadable or off-grid files: one failing QC row naming the file, not a crash

@@ -139,6 +139,15 @@ CHECKS: dict[str, str] = {
     "dice": "Dice overlap (0-1) with the manual mask",
     "outlier_csa_mm2": "robust z of csa_mm2 against the cohort (same muscle, side, level)",
     "outlier_fat_pct": "robust z of fat_pct against the cohort (same muscle, side, level)",
+    # anatomical plausibility (helpers.anatomy)
+    "inside_body": "share (0-1) of the label's voxels outside the body outline",
+    "posterior_cover": "median thickness (mm) of unlabelled non-fat tissue between the back "
+    "muscle and the posterior subcutaneous fat",
+    "intensity": "label median intensity / median of the image's bright tissue (fat)",
+    "arrangement": "margin (mm, + = anatomical order) of a medial/lateral or "
+    "anterior/posterior relation of two muscles on one side",
+    "mirror": "largest offset (mm) of a right/left pair from mirror symmetry about the midline",
+    "csa_range": "median per-slice area (mm2) of the label over the level's slices",
 }
 
 #: MAD to standard deviation for normal data.
@@ -199,6 +208,25 @@ class QCSettings:
         Label overlay opacity (0-1) in mosaics.  Default 0.45.
     convention : {"radiological", "neurological"}
         Screen convention of overlays.  Default ``"radiological"`` (patient right on screen left).
+    max_outside_body_fraction : float
+        A label with more than this share (0-1) of its voxels outside the body outline fails
+        (``inside_body``).  Default 0.10.
+    max_posterior_cover_mm : float
+        Erector spinae or multifidus with more than this (median, mm) of unlabelled non-fat
+        tissue between it and the posterior subcutaneous fat fails (``posterior_cover``): the
+        back muscles lie directly beneath the fat and the thoracolumbar fascia.  Default 25 mm.
+    max_fat_intensity_ratio : float
+        A label whose median intensity is at least this share of the fat's fails
+        (``intensity``).  Default 0.85.
+    max_mirror_offset_mm : float
+        A right/left pair further than this (mm) from mirror symmetry about the midline fails
+        (``mirror``).  Default 30 mm.
+    csa_fail_factor : float
+        A label's median area per level fails when outside the physiological range
+        (:data:`helpers.anatomy.PHYSIOLOGICAL_CSA_MM2`) by more than this factor.  Default 2.
+    csa_range_status : {"flag", "pass"}
+        Status of an area outside the physiological range but within ``csa_fail_factor``.
+        Default ``"flag"``.
     """
 
     min_largest_component_fraction: float = 0.90
@@ -215,6 +243,12 @@ class QCSettings:
     mosaic_max_slices: int = 12
     mosaic_opacity: float = 0.45
     convention: str = "radiological"
+    max_outside_body_fraction: float = 0.10
+    max_posterior_cover_mm: float = 25.0
+    max_fat_intensity_ratio: float = 0.85
+    max_mirror_offset_mm: float = 30.0
+    csa_fail_factor: float = 2.0
+    csa_range_status: str = "flag"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -277,6 +311,7 @@ _CHOICES = {
     "empty_label_status": ("fail", "flag"),
     "level_absent_status": STATUSES,
     "convention": ("radiological", "neurological"),
+    "csa_range_status": ("flag", "pass"),
 }
 _RANGES: dict[str, tuple[float, float]] = {
     "min_largest_component_fraction": (0.0, 1.0),
@@ -289,6 +324,11 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_border_voxels": (0, math.inf),
     "mosaic_max_slices": (1, 200),
     "mosaic_opacity": (0.0, 1.0),
+    "max_outside_body_fraction": (0.0, 1.0),
+    "max_posterior_cover_mm": (0.0, math.inf),
+    "max_fat_intensity_ratio": (0.0, math.inf),
+    "max_mirror_offset_mm": (0.0, math.inf),
+    "csa_fail_factor": (1.0, math.inf),
 }
 
 
@@ -687,7 +727,7 @@ def lateralization_checks(
                 reason = (
                     f"right {muscle} centroid lies {abs(sep):.1f} mm to the patient's "
                     f"{'left' if sep < 0 else 'right'} of the left {muscle} (world x, RAS): "
-                    "labels swapped?"
+                    "right and left labels swapped?"
                 )
                 status = "fail"
             else:
@@ -962,6 +1002,7 @@ def check_subject(
     levels: pd.DataFrame | None = None,
     manual: Volume | None = None,
     settings: QCSettings | None = None,
+    image: Volume | None = None,
 ) -> pd.DataFrame:
     """All per-subject QC checks on one segmentation.
 
@@ -980,6 +1021,10 @@ def check_subject(
         A manual mask on the same grid: adds ``dice`` rows.
     settings : QCSettings, optional
         Thresholds.
+    image : Volume, optional
+        The MR image on the mask's grid: adds the image-based plausibility checks
+        (``inside_body``, ``posterior_cover``, ``intensity``; :mod:`helpers.anatomy`).  The
+        mask-only plausibility checks (``arrangement``, ``mirror``, ``csa_range``) always run.
 
     Returns
     -------
@@ -1121,6 +1166,22 @@ def check_subject(
     )
 
     rows.extend(midline_checks(subject, data, mask.affine, labels).to_dict("records"))
+
+    # anatomical plausibility (helpers.anatomy): gross errors fail
+    from helpers.anatomy import plausibility_checks
+
+    if image is not None:
+        check_same_grid(image, mask)
+    plaus = plausibility_checks(
+        subject,
+        data,
+        mask.affine,
+        labels,
+        image=None if image is None else np.asarray(image.data),
+        groups=_level_groups(lv, n, with_all=lv is None, with_unassigned=False),
+        settings=settings,
+    )
+    rows.extend(plaus.to_dict("records"))
 
     if manual is not None:
         check_same_grid(mask, manual)
@@ -1699,7 +1760,9 @@ def run_qc(
             if image is not None:
                 check_same_grid(image, mask)
             frames.append(
-                check_subject(subject, mask, labels, levels=lv, manual=manual, settings=settings)
+                check_subject(
+                    subject, mask, labels, levels=lv, manual=manual, settings=settings, image=image
+                )
             )
         except InputFileError as exc:
             problem = exc.problem.replace(str(exc.path), exc.path.name)
