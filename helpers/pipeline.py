@@ -2019,16 +2019,38 @@ def qc_stage(
     summary = qc.summarize_qc(table, subjects=list(tasks))
     atomic_write_text(paths.file("qc.csv"), table.to_csv(index=False))
     atomic_write_text(paths.file("qc_summary.csv"), summary.to_csv(index=False))
-    decisions = qc.init_decisions(summary, paths.decisions)
+    decisions = qc.init_decisions(summary, paths.decisions, inputs=_decision_inputs(tasks))
     atomic_write_text(paths.file("qc_decisions.csv"), decisions.to_csv(index=False))
     excluded = current_exclusions(study, paths)
-    summary = summary.merge(
-        decisions[["subject", "decision", "reviewer"]], on="subject", how="left"
-    )
+    shown = ["subject", "decision", "reviewer"] + (["stale"] if "stale" in decisions else [])
+    summary = summary.merge(decisions[shown], on="subject", how="left")
     status = pd.DataFrame(status_rows, columns=STATUS_COLUMNS)
     write_failures(paths, "qc", status.loc[status["status"] == "failed", ["subject", "error"]])
     record_stage(paths, "qc", status, time.perf_counter() - t0)
     return QCOutputs(table, summary, decisions, excluded, mosaics, measured)
+
+
+def _decision_inputs(tasks: Mapping[str, QCTask]) -> dict[str, str]:
+    """Subject -> fingerprint of its QC inputs (mask, image, manual mask, levels, settings).
+
+    ``settings`` covers the QC settings and the label file; a change of any of these re-derives
+    an automatic QC decision and marks a reviewer's decision stale (:func:`qc.init_decisions`).
+    """
+    from helpers import qc
+
+    out = {}
+    for subject, task in tasks.items():
+        key = _qc_key(task)
+        out[subject] = qc.inputs_fingerprint(
+            {
+                "mask": key["mask"],
+                "image": key["image"],
+                "manual": key["manual"],
+                "levels": key["levels"],
+                "settings": {"qc": key["settings"], "labels": key["labels"]},
+            }
+        )
+    return out
 
 
 def current_exclusions(study: Study, paths: RunPaths) -> pd.DataFrame:

@@ -56,6 +56,7 @@ __all__ = [
     "CHECKS",
     "DECISIONS",
     "DECISION_COLUMNS",
+    "INPUT_COLUMNS",
     "QC_COLUMNS",
     "STATUSES",
     "SUMMARY_COLUMNS",
@@ -72,6 +73,7 @@ __all__ = [
     "dice_table",
     "excluded_subjects",
     "init_decisions",
+    "inputs_fingerprint",
     "label_colours",
     "lateralization_checks",
     "midline_checks",
@@ -1879,13 +1881,74 @@ def _write_decisions(path: Path, df: pd.DataFrame) -> None:
     atomic_write_text(path, df[cols].to_csv(index=False))
 
 
-def init_decisions(qc_summary: pd.DataFrame, path: str | Path) -> pd.DataFrame:
-    """Create or extend ``qc_decisions.csv`` from the QC summary without touching existing rows.
+#: Extra columns of ``qc_decisions.csv`` written when QC knows each subject's inputs:
+#:
+#: - ``inputs``: fingerprint of the inputs the decision was taken on (``mask=..;image=..;...``,
+#:   first 12 hex digits of each sha256; ``settings`` covers the QC settings and label file);
+#: - ``qc_inputs``: fingerprint of the inputs of the latest QC;
+#: - ``stale``: empty, or which inputs changed since a reviewer's decision (the decision is
+#:   kept and still honoured: look again).
+INPUT_COLUMNS = ("inputs", "qc_inputs", "stale")
 
-    Subjects already in the file keep their rows exactly as they are (a reviewer's edits are
-    never overwritten); subjects not yet listed are appended with the decision QC suggests:
-    ``exclude`` when their QC status is ``fail``, else ``include``; reviewer ``auto-qc``; the
-    QC reasons; the current UTC time.  When nothing is missing the file is not rewritten.
+
+def inputs_fingerprint(parts: Mapping[str, Any]) -> str:
+    """Compact fingerprint of a subject's QC inputs, e.g. ``'image=3fa9..;mask=91bc..'``.
+
+    Parameters
+    ----------
+    parts : mapping
+        Input name -> sha256 hex digest (or any value: non-strings are hashed as JSON; None
+        is written as ``-``).
+
+    Examples
+    --------
+    >>> inputs_fingerprint({"mask": "a" * 64, "image": None})
+    'image=-;mask=aaaaaaaaaaaa'
+    """
+    import hashlib
+    import json
+
+    out = []
+    for key in sorted(parts):
+        value = parts[key]
+        if value is None:
+            digest = "-"
+        elif isinstance(value, str):
+            digest = value[:12]
+        else:
+            text = json.dumps(value, sort_keys=True, default=str).encode()
+            digest = hashlib.sha256(text).hexdigest()[:12]
+        out.append(f"{key}={digest}")
+    return ";".join(out)
+
+
+def _changed_inputs(old: str, new: str) -> list[str]:
+    def parse(text: str) -> dict[str, str]:
+        return dict(p.split("=", 1) for p in text.split(";") if "=" in p)
+
+    a, b = parse(old), parse(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def init_decisions(
+    qc_summary: pd.DataFrame,
+    path: str | Path,
+    *,
+    inputs: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Create or update ``qc_decisions.csv`` from the QC summary; a reviewer's rows are kept.
+
+    - Subjects not yet listed are appended with the decision QC suggests: ``exclude`` when
+      their QC status is ``fail``, else ``include``; reviewer ``auto-qc``; the QC reasons; the
+      current UTC time.
+    - Rows of reviewer ``auto-qc`` are automatic: they are re-derived from the current QC
+      whenever its suggestion, reasons or the subject's inputs changed (a corrected mask is no
+      longer excluded by the old mask's ``fail``).
+    - Rows of any other reviewer are never changed, except for the :data:`INPUT_COLUMNS`:
+      ``qc_inputs`` follows the latest QC, and ``stale`` names the inputs that changed since the
+      decision (``inputs``).  The decision itself stays in force.
+
+    When nothing changed the file is not rewritten.
 
     Parameters
     ----------
@@ -1893,6 +1956,9 @@ def init_decisions(qc_summary: pd.DataFrame, path: str | Path) -> pd.DataFrame:
         :func:`summarize_qc` output (``subject``, ``status``, ``reasons``).
     path : path
         The decisions file.
+    inputs : mapping, optional
+        Subject -> :func:`inputs_fingerprint` of its QC inputs (mask, image, settings, ...).
+        Without it the :data:`INPUT_COLUMNS` are not written.
 
     Returns
     -------
@@ -1900,33 +1966,64 @@ def init_decisions(qc_summary: pd.DataFrame, path: str | Path) -> pd.DataFrame:
         The decisions as now on disk (see :func:`read_decisions`).
     """
     path = Path(path)
-    existing = read_decisions(path) if path.exists() else pd.DataFrame(columns=DECISION_COLUMNS)
-    known = set(existing["subject"])
+    if path.exists():
+        read_decisions(path)  # validate before changing anything
+        raw = _read_raw(path)
+    else:
+        raw = pd.DataFrame(columns=DECISION_COLUMNS)
+    raw = raw.astype(object).fillna("")
+    if inputs is not None:
+        for col in INPUT_COLUMNS:
+            if col not in raw.columns:
+                raw[col] = ""
+    index = {str(s).strip(): i for i, s in enumerate(raw["subject"])}
     new_rows = []
+    n_updated = 0
     stamp = _now()
     for r in qc_summary.itertuples(index=False):
         subject = str(r.subject)
-        if subject in known:
-            continue
-        known.add(subject)
         decision = "exclude" if r.status == "fail" else "include"
         reason = f"QC {r.status}" + (f": {r.reasons}" if getattr(r, "reasons", "") else "")
-        new_rows.append(
-            {
+        fp = None if inputs is None else inputs.get(subject)
+        if subject not in index:
+            index[subject] = -1
+            row = {
                 "subject": subject,
                 "decision": decision,
                 "reviewer": AUTO_REVIEWER,
                 "reason": reason,
                 "timestamp": stamp,
             }
-        )
-    if not new_rows and path.exists():
-        return existing
-    raw = _read_raw(path) if path.exists() else pd.DataFrame(columns=DECISION_COLUMNS)
-    added = pd.DataFrame(new_rows, columns=list(DECISION_COLUMNS))
-    merged = pd.concat([raw, added], ignore_index=True).fillna("")
+            if inputs is not None:
+                row.update({"inputs": fp or "", "qc_inputs": fp or "", "stale": ""})
+            new_rows.append(row)
+            continue
+        i = index[subject]
+        if i < 0:
+            continue  # listed twice in the summary
+        before = raw.loc[i].to_dict()
+        if str(before["reviewer"]).strip() == AUTO_REVIEWER:
+            if before["decision"].strip().lower() != decision or before["reason"] != reason:
+                raw.loc[i, ["decision", "reason", "timestamp"]] = [decision, reason, stamp]
+            if fp is not None:
+                raw.loc[i, ["inputs", "qc_inputs", "stale"]] = [fp, fp, ""]
+        elif fp is not None:
+            decided_on = str(before.get("inputs", "")) or fp  # first time known: baseline
+            changed = _changed_inputs(decided_on, fp)
+            stale = (
+                f"inputs changed since this decision: {', '.join(changed)}" if changed else ""
+            )
+            raw.loc[i, ["inputs", "qc_inputs", "stale"]] = [decided_on, fp, stale]
+        if raw.loc[i].to_dict() != before:
+            n_updated += 1
+    if not new_rows and not n_updated and path.exists():
+        return read_decisions(path)
+    added = pd.DataFrame(new_rows, columns=list(raw.columns))
+    merged = pd.concat([raw, added], ignore_index=True).fillna("") if new_rows else raw
     _write_decisions(path, merged)
-    log.info("decisions: %d subjects added to %s", len(new_rows), path.name)
+    log.info(
+        "decisions: %d subjects added, %d updated in %s", len(new_rows), n_updated, path.name
+    )
     return read_decisions(path)
 
 
@@ -1956,6 +2053,11 @@ def set_decision(
     ------
     EsmaError
         Empty subject or reviewer, or a decision other than include/exclude.
+
+    Notes
+    -----
+    When the file tracks inputs (:data:`INPUT_COLUMNS`), the decision is recorded as taken on
+    the inputs of the latest QC (``qc_inputs``) and is no longer ``stale``.
     """
     path = Path(path)
     subject = str(subject).strip()
@@ -1983,6 +2085,10 @@ def set_decision(
         "timestamp": _now(),
     }
     hit = df["subject"].str.strip() == subject
+    if "qc_inputs" in df.columns:
+        # the reviewer decides on what QC last saw: that becomes the decision's inputs
+        current = df.loc[hit, "qc_inputs"].iloc[0] if hit.any() else ""
+        record.update({"inputs": current, "stale": ""})
     if hit.any():
         for key, value in record.items():
             df.loc[hit, key] = value
