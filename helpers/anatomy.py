@@ -49,6 +49,7 @@ give the same numbers.  The checks and the anatomy behind them:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -532,6 +533,7 @@ def plausibility_checks(
     image: NDArray[np.floating] | None = None,
     groups: list[tuple[str, NDArray[np.int64]]] | None = None,
     settings: QCSettings | None = None,
+    tips: Mapping[int, set[str]] | None = None,
 ) -> pd.DataFrame:
     """All anatomical plausibility checks as QC rows (see the module notes).
 
@@ -552,6 +554,9 @@ def plausibility_checks(
         Level groups for ``csa_range``; default the whole stack (``"all"``).
     settings : QCSettings, optional
         Thresholds.
+    tips : mapping, optional
+        Label value -> its tip levels (:func:`helpers.qc.tip_levels`): there a muscle tapers,
+        so an area below the range's lower end is recorded but not judged.
 
     Returns
     -------
@@ -698,6 +703,9 @@ def plausibility_checks(
         lo, hi = PHYSIOLOGICAL_CSA_MM2[lab.muscle]
         area = float(r.csa_mm2)
         f = settings.csa_fail_factor
+        at_tip = str(r.level) in (tips or {}).get(lab.value, set())
+        if at_tip:
+            lo = 0.0  # a muscle tapers at its ends: only the upper bound applies there
         if area < lo / f or area > hi * f:
             status = "fail"
         elif area < lo or area > hi:
@@ -705,6 +713,8 @@ def plausibility_checks(
         else:
             status = "pass"
         reason = f"median area {area:.0f} mm2 on {r.n_slices} slices"
+        if at_tip:
+            reason += " (a tip level of the muscle: no lower bound)"
         if status == "pass" and not lo <= area <= hi:
             reason += f" (outside {lo:.0f}-{hi:.0f} mm2; csa_range_status is pass)"
         elif status != "pass":

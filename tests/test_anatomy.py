@@ -402,3 +402,31 @@ def test_totalsegmentator_mr_labels_pass_and_their_shifted_copy_fails():
     _assert_gross_fail(
         _check(image, moved, img.affine, labels, "LPS"), "posterior_cover", "abdomen", "ts"
     )
+
+
+def test_area_lower_bound_is_not_applied_at_a_muscles_tip_levels():
+    mask = np.zeros((40, 40, 6), dtype=np.int16)
+    mask[10:20, 10:20, :] = 1  # 100 voxels of 1 x 1 mm = 100 mm2 on every slice
+    aff = _lps((1.0, 1.0, 5.0))
+    groups = [("S1", np.array([0, 1])), ("L5", np.array([2, 3])), ("L4", np.array([4, 5]))]
+    tips = qc.tip_levels(
+        mask,
+        TWO,
+        pd.DataFrame({"slice": range(6), "level": ["S1", "S1", "L5", "L5", "L4", "L4"]}),
+        axis=2,
+    )
+    assert tips[1] == {"S1", "L4"}
+    rows = anatomy.plausibility_checks("t", mask, aff, TWO, groups=groups, tips=tips)
+    area = rows[rows["check"] == "csa_range"].set_index("level")
+    assert (area["value"] == 100.0).all()
+    # multifidus range 150-1800 mm2: 100 mm2 is a flag in the middle, recorded at the tips
+    assert area["status"].to_dict() == {"S1": "pass", "L5": "flag", "L4": "pass"}
+    assert "tip level" in area.loc["S1", "reason"]
+    # 60 mm2 is below 150 / 2: a fail in the middle level
+    small = mask.copy()
+    small[:, :, 2:4] = 0
+    small[10:16, 10:20, 2:4] = 1
+    rows = anatomy.plausibility_checks("t", small, aff, TWO, groups=groups, tips=tips)
+    area = rows[rows["check"] == "csa_range"].set_index("level")
+    assert area.loc["L5", "value"] == 60.0
+    assert area.loc["L5", "status"] == "fail"

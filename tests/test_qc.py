@@ -277,7 +277,7 @@ def test_fragmented_label_is_flagged_with_planted_fraction():
         "s1",
         _volume(data, _lps_affine()),
         LABELS,
-        settings=qc.QCSettings(fragmentation_min_voxels=10),
+        settings=qc.QCSettings(fragmentation_min_voxels=10, tip_slices=0),
     )
     frag = _rows(out, "fragmentation").set_index(["muscle", "side"])
     assert frag.loc[("multifidus", "right"), "status"] == "flag"
@@ -291,9 +291,20 @@ def test_fragmented_label_is_flagged_with_planted_fraction():
         "s1",
         _volume(data, _lps_affine()),
         LABELS,
-        settings=qc.QCSettings(min_largest_component_fraction=0.7, fragmentation_min_voxels=10),
+        settings=qc.QCSettings(
+            min_largest_component_fraction=0.7, fragmentation_min_voxels=10, tip_slices=0
+        ),
     )
     assert set(_rows(lenient, "fragmentation")["status"]) == {"pass"}
+
+    # by default the 2 end slices of a label's span (its tips) are not judged: the label spans
+    # slices 1-4, so slice 2 is a tip slice and the split is recorded but not flagged
+    tips = qc.check_subject(
+        "s1", _volume(data, _lps_affine()), LABELS, settings=qc.QCSettings(fragmentation_min_voxels=10)
+    )
+    tip_rows = _rows(tips, "fragmentation", muscle="multifidus", side="right")
+    assert tip_rows["status"].tolist() == ["pass"]
+    assert "tips" in tip_rows["reason"].iloc[0]
 
 
 def test_fragmentation_connectivity_and_small_slices():
@@ -513,7 +524,7 @@ def test_planted_outliers_are_found_and_clean_cohort_has_none():
         & planted["slice"].isna()
     )
     planted.loc[hit_fat, "fat_pct"] = 40.0
-    flagged = qc.outlier_checks(planted)
+    flagged = qc.outlier_checks(planted, qc.QCSettings(outlier_flag_levels="each"))
     flagged = flagged[flagged["status"] == "flag"]
     got = set(
         flagged[["subject", "level", "muscle", "side", "check"]].itertuples(index=False, name=None)
@@ -524,6 +535,14 @@ def test_planted_outliers_are_found_and_clean_cohort_has_none():
     }
     z = flagged.set_index("check")["value"]
     assert z["outlier_csa_mm2"] < -3.5 < 3.5 < z["outlier_fat_pct"]
+    # by default only whole-stack outliers are flagged; the per-level one is recorded
+    default = qc.outlier_checks(planted)
+    assert set(default.loc[default["status"] == "flag", "subject"]) == {"sub-11"}
+    l4 = default.query("subject == 'sub-05' and level == 'L4' and check == 'outlier_csa_mm2'")
+    l4 = l4.query("muscle == 'multifidus' and side == 'right'")
+    assert l4["status"].tolist() == ["pass"]
+    assert "recorded, not flagged" in l4["reason"].iloc[0]
+    assert l4["value"].iloc[0] == pytest.approx(z["outlier_csa_mm2"])
 
     table = qc.cohort_outliers(planted).query(
         "subject == 'sub-05' and level == 'L4' and "
