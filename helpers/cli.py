@@ -370,6 +370,36 @@ def _ingest_study(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if result.failed else EXIT_OK
 
 
+# ------------------------------------------------------- QC corrections (issue 15)
+def _add_qc(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("qc", help="quality-control tools (export masks for correction)")
+    qsub = p.add_subparsers(dest="qc_command", required=True, metavar="QC_COMMAND")
+    e = qsub.add_parser(
+        "export",
+        help="write a correction bundle (image, mask, ITK-SNAP/Slicer label files, README)",
+    )
+    e.add_argument("--study", type=Path, required=True, help="study YAML file")
+    e.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    e.add_argument("--run", type=Path, default=None, help="run folder (default: the latest)")
+    e.add_argument("--subjects", default=None,
+                   help="comma-separated subject IDs (default: those QC marked fail or flag)")
+    e.add_argument("--status", default="fail,flag",
+                   help="QC statuses exported when --subjects is not given (default fail,flag)")
+    e.set_defaults(func=_cmd_qc_export)
+
+
+def _cmd_qc_export(args: argparse.Namespace) -> int:
+    from helpers.corrections import export_for_review
+
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    statuses = tuple(s.strip() for s in args.status.split(",") if s.strip())
+    folder, done = export_for_review(
+        args.study, args.out, run_dir=args.run, subjects=subjects, statuses=statuses
+    )
+    print(f"esma qc export: {len(done)} subject(s) in {folder} (see its README.md)")  # noqa: T201
+    return 0
+
+
 # ------------------------------------------------------------------------------------ main
 _ADDERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_metrics,
@@ -380,6 +410,7 @@ _ADDERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_run,
     _add_demo,
     _add_ingest,
+    _add_qc,
 )
 
 

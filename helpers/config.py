@@ -106,6 +106,8 @@ STUDY_KEYS: dict[str, str] = {
     "model": "nnU-Net v2 model, exported .zip or results folder (needed unless masks are given)",
     "masks": "existing masks used instead of segmentation: pattern with {subject} or a folder",
     "manual_masks": "manual masks for the QC Dice check: pattern with {subject} or a folder",
+    "corrections": "reviewer-corrected masks that replace the model's or given mask: pattern "
+    "with {subject} or a folder (subjects without one keep theirs)",
     "levels": "slice->vertebral level CSV: pattern with {subject}, a folder, or one CSV with a "
     "subject column",
     "clinical": "clinical CSV/Excel path, or {path, skip_invalid, columns, values, ...}",
@@ -173,6 +175,9 @@ class SubjectFiles:
         Manual mask for the QC Dice check.
     levels : Path or None
         Slice -> vertebral level CSV.
+    corrected_mask : Path or None
+        A reviewer's corrected mask (study key ``corrections:``); replaces ``mask`` and the
+        model's segmentation.
     """
 
     subject: str
@@ -180,6 +185,7 @@ class SubjectFiles:
     mask: Path | None = None
     manual_mask: Path | None = None
     levels: Path | None = None
+    corrected_mask: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -454,14 +460,19 @@ def parse_study(document: object, source: str | Path) -> Study:
         v, "manual_masks", document.get("manual_masks"), subjects, _MASK_SUFFIXES, "manual_mask"
     )
     subjects = _attach(v, "levels", document.get("levels"), subjects, _LEVELS_SUFFIXES, "levels")
+    subjects = _attach(
+        v, "corrections", document.get("corrections"), subjects, _MASK_SUFFIXES, "corrected_mask"
+    )
 
     model = None
     if document.get("model") is not None:
         model = v.path("model", document["model"])
         if not model.exists():
             v.fail("model", f"{model}: model not found (a .zip or an nnU-Net results folder)")
-    if model is None and not all(s.mask is not None for s in subjects):
-        missing = [s.subject for s in subjects if s.mask is None]
+    if model is None and not all(
+        s.mask is not None or s.corrected_mask is not None for s in subjects
+    ):
+        missing = [s.subject for s in subjects if s.mask is None and s.corrected_mask is None]
         v.fail(
             "model",
             "no segmentation model given and no mask for "
@@ -757,6 +768,8 @@ def _attach(
         if found is None and getattr(s, attribute) is None:
             missing.append(s.subject)
         out.append(s if found is None else dataclasses.replace(s, **{attribute: found}))
+    if attribute == "corrected_mask":
+        return out  # corrections exist for the few subjects a reviewer fixed, or none yet
     if len(missing) == len(subjects):
         v.fail(key, f"{text!r}: no file found for any subject (e.g. {subjects[0].subject})")
     if missing:

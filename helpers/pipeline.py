@@ -948,7 +948,7 @@ def input_checksums(study: Study) -> list[dict[str, str]]:
             }
         )
     for s in study.subjects:
-        for role in ("image", "mask", "manual_mask", "levels"):
+        for role in ("image", "mask", "manual_mask", "levels", "corrected_mask"):
             path = getattr(s, role)
             if path is not None:
                 rows.append(
@@ -1107,6 +1107,9 @@ def write_index(
     )
     empty = '<tr><td colspan="3">none</td></tr>'
     ingest_section = _ingest_section(run_dir)
+    from helpers.corrections import mask_sources_section
+
+    ingest_section += mask_sources_section(run_dir)
     description = e(manifest.get("description") or "")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -1350,7 +1353,12 @@ def segment_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> pd
     rows: list[dict[str, Any]] = []
     to_segment = []
     for s in study.subjects:
-        if s.mask is not None:
+        if s.corrected_mask is not None:
+            # a reviewer's corrected mask replaces the model's or the given one
+            from helpers.corrections import corrected_row
+
+            rows.append(corrected_row(study, s))
+        elif s.mask is not None:
             rows.append(
                 {
                     "subject": s.subject,
@@ -1379,6 +1387,9 @@ def segment_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> pd
     order = {s: i for i, s in enumerate(study.subject_ids)}
     table = table.sort_values("subject", key=lambda c: c.map(order)).reset_index(drop=True)
     atomic_write_text(paths.file("segmentation.csv"), table.to_csv(index=False))
+    from helpers.corrections import write_mask_sources
+
+    write_mask_sources(paths.file("mask_sources.csv"), table)
     failed = table[table["status"] == "failed"]
     write_failures(paths, "segment", failed[["subject", "error"]].assign(stage="segment"))
     record_stage(paths, "segment", table, time.perf_counter() - t0)
