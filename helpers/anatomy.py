@@ -39,7 +39,8 @@ give the same numbers.  The checks and the anatomy behind them:
 ``intensity``
     A muscle is darker than subcutaneous fat on a fat-bright image.  ``value``: label median
     intensity over the median of the bright tissue class (fat); fail at or above
-    ``max_fat_intensity_ratio`` (the label covers fat, not muscle).
+    ``max_fat_intensity_ratio`` (the label covers fat, not muscle).  Judged on fat-bright
+    images only (the value is recorded on others).
 ``csa_range``
     Median per-slice area (mm2) of the label over the slices of a level where it is present,
     against :data:`PHYSIOLOGICAL_CSA_MM2`: ``csa_range_status`` outside the range, fail outside
@@ -594,6 +595,9 @@ def plausibility_checks(
                 ratio = float(r.fat_ratio)
                 if not math.isfinite(ratio):
                     status, reason = "pass", "not checked: no bright tissue class on the image"
+                elif not outline.fat_bright:
+                    status = "pass"
+                    reason = "not checked: subcutaneous fat is not bright on this image"
                 elif ratio >= settings.max_fat_intensity_ratio:
                     status = "fail"
                     reason = (

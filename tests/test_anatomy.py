@@ -169,6 +169,11 @@ def test_fat_suppressed_image_skips_the_cover_check():
     cover = rows[rows["check"] == "posterior_cover"]
     assert cover["status"].tolist() == ["pass"]
     assert "not bright" in cover["reason"].iloc[0]
+    # muscle (100) is now the image's bright class (ratio 1, >= 0.85): recorded, not judged
+    inten = rows[rows["check"] == "intensity"]
+    assert (inten["value"] == 1.0).all()
+    assert set(inten["status"]) == {"pass"}
+    assert inten["reason"].str.contains("not bright").all()
 
 
 def test_new_settings_are_validated():
