@@ -35,7 +35,8 @@ give the same numbers.  The checks and the anatomy behind them:
 ``mirror``
     Right and left twins mirror each other about the midline: ``value`` is the larger of the
     median antero-posterior offset between the twins and the median offset of their midpoint
-    from the midline (mm); fail above ``max_mirror_offset_mm``.
+    from the midline (mm), measured after undoing the slice's axial rotation (scoliosis turns
+    every pair alike); fail above ``max_mirror_offset_mm``.
 ``intensity``
     A muscle is darker than subcutaneous fat on a fat-bright image.  ``value``: label median
     intensity over the median of the bright tissue class (fat); fail at or above
@@ -329,39 +330,56 @@ def arrangement_table(cents: pd.DataFrame) -> pd.DataFrame:
 
 
 def mirror_table(cents: pd.DataFrame) -> pd.DataFrame:
-    """How well each right/left pair mirrors about the midline.
+    """How well each right/left pair mirrors about the midline, allowing for axial rotation.
+
+    Per slice, the patient's axial rotation is the median angle of the left-to-right vectors of
+    the muscle pairs (a rotated trunk, as in scoliosis, turns every pair alike); the centroids
+    are rotated back by it, the midline is the median of the pair midpoints, and each pair's
+    offsets are measured in that frame.  A single misplaced label turns only its own pair.
 
     Returns
     -------
     DataFrame
         ``muscle``, ``n_slices`` (slices holding both twins), ``ap_offset_mm`` (median of
-        y_right - y_left), ``midline_offset_mm`` (median of the twins' midpoint x minus the
-        slice's midline x), ``offset_mm`` (the larger absolute value of the two).
+        y_right - y_left after derotation), ``midline_offset_mm`` (median of the twins'
+        midpoint x minus the slice's midline x, after derotation), ``offset_mm`` (the larger
+        absolute value of the two), ``rotation_deg`` (median axial rotation of the slices).
     """
-    mid = _midlines(cents)
+    cols = ["muscle", "n_slices", "ap_offset_mm", "midline_offset_mm", "offset_mm", "rotation_deg"]
+    sided = cents[cents["side"].isin(["left", "right"])]
+    if sided.empty:
+        return pd.DataFrame(columns=cols)
+    wide = sided.pivot_table(index=["slice", "muscle"], columns="side", values=["x_mm", "y_mm"])
+    if ("x_mm", "left") not in wide.columns or ("x_mm", "right") not in wide.columns:
+        return pd.DataFrame(columns=cols)
+    wide = wide.dropna()
+    if wide.empty:
+        return pd.DataFrame(columns=cols)
+    xr, xl = wide[("x_mm", "right")], wide[("x_mm", "left")]
+    yr, yl = wide[("y_mm", "right")], wide[("y_mm", "left")]
+    angle = pd.Series(np.arctan2(yr - yl, xr - xl), index=wide.index)
+    theta = angle.groupby(level="slice").median().reindex(wide.index, level="slice")
+    c, s_ = np.cos(theta), np.sin(theta)
+    xr_, yr_ = xr * c + yr * s_, -xr * s_ + yr * c
+    xl_, yl_ = xl * c + yl * s_, -xl * s_ + yl * c
+    mid_pair = (xr_ + xl_) / 2
+    midline = mid_pair.groupby(level="slice").median().reindex(wide.index, level="slice")
+    table = pd.DataFrame(
+        {"dy": yr_ - yl_, "dx": mid_pair - midline, "rot": np.degrees(theta)}, index=wide.index
+    )
     rows = []
-    for muscle in dict.fromkeys(cents["muscle"]):
-        r = _position(cents, muscle, "right")
-        le = _position(cents, muscle, "left")
-        if r.empty or le.empty:
-            continue
-        common = r.index.intersection(le.index).intersection(mid.index)
-        if not len(common):
-            continue
-        dy = float(np.median(r.loc[common, "y_mm"] - le.loc[common, "y_mm"]))
-        dx = float(
-            np.median((r.loc[common, "x_mm"] + le.loc[common, "x_mm"]) / 2 - mid.loc[common])
-        )
+    for muscle, grp in table.groupby(level="muscle", sort=False):
+        dy, dx = float(grp["dy"].median()), float(grp["dx"].median())
         rows.append(
             {
                 "muscle": muscle,
-                "n_slices": len(common),
+                "n_slices": len(grp),
                 "ap_offset_mm": dy,
                 "midline_offset_mm": dx,
                 "offset_mm": max(abs(dy), abs(dx)),
+                "rotation_deg": float(grp["rot"].median()),
             }
         )
-    cols = ["muscle", "n_slices", "ap_offset_mm", "midline_offset_mm", "offset_mm"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -686,7 +704,8 @@ def plausibility_checks(
         off = float(r.offset_mm)
         detail = (
             f"right-left antero-posterior offset {r.ap_offset_mm:+.0f} mm, pair centre "
-            f"{r.midline_offset_mm:+.0f} mm from the midline"
+            f"{r.midline_offset_mm:+.0f} mm from the midline (after {r.rotation_deg:+.0f} deg "
+            "of axial rotation)"
         )
         if off > settings.max_mirror_offset_mm:
             status = "fail"

@@ -87,19 +87,42 @@ def test_arrangement_margins_measured_from_the_midline():
     assert t3.loc[("medial", "multifidus", "left"), "margin_mm"] > 0
 
 
-def test_mirror_offsets_are_exact():
+def test_mirror_offsets_are_exact_and_survive_axial_rotation():
     cents = _cents(
         [
             ("multifidus", "right", 20.0, -80.0),
             ("multifidus", "left", -20.0, -80.0),
+            ("psoas_major", "right", 40.0, -30.0),
+            ("psoas_major", "left", -40.0, -30.0),
             ("erector_spinae", "right", 50.0, -70.0),
             ("erector_spinae", "left", -50.0, -82.0),  # 12 mm more posterior than its twin
         ]
     )
     t = anatomy.mirror_table(cents).set_index("muscle")
     assert t.loc["multifidus", "offset_mm"] == 0.0
+    assert t.loc["psoas_major", "offset_mm"] == 0.0
     assert t.loc["erector_spinae", "ap_offset_mm"] == 12.0
     assert t.loc["erector_spinae", "offset_mm"] == 12.0
+    assert t.loc["multifidus", "rotation_deg"] == 0.0
+    # the whole trunk turned 25 degrees about a point off the origin (scoliosis): a symmetric
+    # anatomy still mirrors exactly (without derotation the quadratus lumborum twins, 140 mm
+    # apart, would sit 59 mm apart antero-posteriorly)
+    sym = _cents(
+        [
+            ("multifidus", "right", 20.0, -80.0),
+            ("multifidus", "left", -20.0, -80.0),
+            ("erector_spinae", "right", 50.0, -75.0),
+            ("erector_spinae", "left", -50.0, -75.0),
+            ("quadratus_lumborum", "right", 70.0, -60.0),
+            ("quadratus_lumborum", "left", -70.0, -60.0),
+        ]
+    )
+    a = np.radians(25.0)
+    x, y = sym["x_mm"] - 5.0, sym["y_mm"] + 40.0
+    turned = sym.assign(x_mm=x * np.cos(a) - y * np.sin(a), y_mm=x * np.sin(a) + y * np.cos(a))
+    t = anatomy.mirror_table(turned).set_index("muscle")
+    assert t["offset_mm"].max() == pytest.approx(0.0, abs=1e-9)
+    assert t["rotation_deg"].iloc[0] == pytest.approx(25.0)
 
 
 def _toy_scan() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
