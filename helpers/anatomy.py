@@ -106,7 +106,7 @@ MEDIAL_OF: tuple[tuple[str, str, str], ...] = (
 ANTERIOR_OF: tuple[tuple[str, str, str], ...] = (
     ("psoas_major", "erector_spinae", "fail"),
     ("psoas_major", "multifidus", "fail"),
-    ("quadratus_lumborum", "erector_spinae", "flag"),
+    ("quadratus_lumborum", "erector_spinae", "fail"),
 )
 
 #: Muscles whose posterior cover is judged (the back muscles beneath the subcutaneous fat).

@@ -377,6 +377,20 @@ def test_phantom_numbers_do_not_depend_on_storage_orientation():
         assert t["status"].tolist() == tables[0]["status"].tolist()
 
 
+@pytest.mark.parametrize(
+    ("pairs", "words"),
+    [
+        ([(3, 7), (4, 8)], "quadratus lumborum and erector spinae swapped"),
+        ([(3, 5), (4, 6)], "psoas major and erector spinae swapped"),
+        ([(1, 5), (2, 6)], "psoas major and multifidus swapped"),
+    ],
+)
+def test_other_muscle_swaps_fail_with_the_two_muscles_named(example, pairs, words):
+    image, mask, aff, labels = example
+    rows = _check(image, _swap(mask, pairs), aff, labels, "LPS")
+    _assert_gross_fail(rows, "arrangement", words, words)
+
+
 def test_mask_only_checks_run_without_an_image(example):
     _, mask, aff, labels = example
     rows = qc.check_subject("s", Volume(_swap(mask, ES_MF), aff), labels)
