@@ -300,6 +300,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-name", default="EsmaMuscles", help="nnU-Net dataset name")
     p.add_argument("--small", action="store_true",
                    help="shrink the 2d network for CPU training (helpers.training.SmallNetwork)")
+    p.add_argument("--init-from", type=Path, default=None, metavar="MODEL",
+                   help="fine-tune this model (zip or folder) on the cases: its plans and "
+                   "weights are the start (nnU-Net pretrained weights); the card names it")
+    p.add_argument("--held-out-images", type=Path, default=None,
+                   help="with --held-out-masks: report Dice before and after on these cases")
+    p.add_argument("--held-out-masks", type=Path, default=None,
+                   help="masks of the held-out images")
     p.set_defaults(func=_cmd_train)
 
 
@@ -313,12 +320,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         configuration=args.configuration, folds=folds, epochs=args.epochs,
         iterations_per_epoch=args.iterations, device=args.device,
         small_network=SmallNetwork() if args.small else None,
+        init_from=str(args.init_from) if args.init_from else None,
     )
     cases = pair_cases(args.images, args.masks)
+    held_out = None
+    if (args.held_out_images is None) != (args.held_out_masks is None):
+        msg = "give --held-out-images and --held-out-masks together"
+        raise EsmaError(msg)
+    if args.held_out_images is not None:
+        held_out = pair_cases(args.held_out_images, args.held_out_masks)
     result = train_model(cases, args.labels, args.work, args.out, settings)
     dice = result.validation.groupby(["muscle", "side"], dropna=False, sort=False)["dice"].mean()
     log.info("train: model %s (%.0f min); validation Dice:\n%s", result.model_zip,
              result.seconds / 60, dice.round(3).to_string())
+    if held_out:
+        from helpers.labels import load_labels
+        from helpers.training import compare_models
+
+        models = {"after": result.model_zip}
+        if args.init_from is not None:
+            models = {"before": args.init_from, **models}
+        table = compare_models(models, held_out, load_labels(args.labels),
+                               Path(args.work) / "held_out", device=settings.device)
+        wide = table.pivot_table(index=["muscle", "side"], columns="model", values="dice",
+                                 sort=False)
+        print(f"esma train: held-out Dice ({len(held_out)} cases)\n"  # noqa: T201
+              f"{wide.round(3).to_string()}")
     return EXIT_OK
 
 
@@ -460,6 +487,36 @@ def _ingest_study(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if result.failed else EXIT_OK
 
 
+# ------------------------------------------------------- QC corrections (issue 15)
+def _add_qc(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("qc", help="quality-control tools (export masks for correction)")
+    qsub = p.add_subparsers(dest="qc_command", required=True, metavar="QC_COMMAND")
+    e = qsub.add_parser(
+        "export",
+        help="write a correction bundle (image, mask, ITK-SNAP/Slicer label files, README)",
+    )
+    e.add_argument("--study", type=Path, required=True, help="study YAML file")
+    e.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    e.add_argument("--run", type=Path, default=None, help="run folder (default: the latest)")
+    e.add_argument("--subjects", default=None,
+                   help="comma-separated subject IDs (default: those QC marked fail or flag)")
+    e.add_argument("--status", default="fail,flag",
+                   help="QC statuses exported when --subjects is not given (default fail,flag)")
+    e.set_defaults(func=_cmd_qc_export)
+
+
+def _cmd_qc_export(args: argparse.Namespace) -> int:
+    from helpers.corrections import export_for_review
+
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    statuses = tuple(s.strip() for s in args.status.split(",") if s.strip())
+    folder, done = export_for_review(
+        args.study, args.out, run_dir=args.run, subjects=subjects, statuses=statuses
+    )
+    print(f"esma qc export: {len(done)} subject(s) in {folder} (see its README.md)")  # noqa: T201
+    return 0
+
+
 # ------------------------------------------------------------------------------------ main
 _ADDERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_metrics,
@@ -470,6 +527,7 @@ _ADDERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_run,
     _add_demo,
     _add_ingest,
+    _add_qc,
 )
 
 

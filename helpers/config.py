@@ -111,6 +111,8 @@ STUDY_KEYS: dict[str, str] = {
     "model": "nnU-Net v2 model, exported .zip or results folder (needed unless masks are given)",
     "masks": "existing masks used instead of segmentation: pattern with {subject} or a folder",
     "manual_masks": "manual masks for the QC Dice check: pattern with {subject} or a folder",
+    "corrections": "reviewer-corrected masks that replace the model's or given mask: pattern "
+    "with {subject} or a folder (subjects without one keep theirs)",
     "levels": "slice->vertebral level CSV: pattern with {subject}, a folder, or one CSV with a "
     "subject column",
     "clinical": "clinical CSV/Excel path, or {path, skip_invalid, columns, values, ...}",
@@ -187,6 +189,9 @@ class SubjectFiles:
         subject given only as a Dixon pair has ``image`` = its water image (for displays).
     contrast : str
         ``T1w``, ``T2w`` or ``dixon`` (see :data:`CONTRASTS`); ``""`` when nothing says.
+    corrected_mask : Path or None
+        A reviewer's corrected mask (study key ``corrections:``); replaces ``mask`` and the
+        model's segmentation.
     """
 
     subject: str
@@ -197,6 +202,7 @@ class SubjectFiles:
     water: Path | None = None
     fat: Path | None = None
     contrast: str = ""
+    corrected_mask: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -481,6 +487,9 @@ def parse_study(document: object, source: str | Path) -> Study:
         v, "manual_masks", document.get("manual_masks"), subjects, _MASK_SUFFIXES, "manual_mask"
     )
     subjects = _attach(v, "levels", document.get("levels"), subjects, _LEVELS_SUFFIXES, "levels")
+    subjects = _attach(
+        v, "corrections", document.get("corrections"), subjects, _MASK_SUFFIXES, "corrected_mask"
+    )
     dixon, mixed_contrast, subjects = _contrasts(v, document, subjects)
 
     model = None
@@ -491,8 +500,10 @@ def parse_study(document: object, source: str | Path) -> Study:
         model = BUNDLED_MODELS[given] if given in BUNDLED_MODELS else v.path("model", given)
         if not model.exists():
             v.fail("model", f"{model}: model not found (a .zip or an nnU-Net results folder)")
-    if model is None and not all(s.mask is not None for s in subjects):
-        missing = [s.subject for s in subjects if s.mask is None]
+    if model is None and not all(
+        s.mask is not None or s.corrected_mask is not None for s in subjects
+    ):
+        missing = [s.subject for s in subjects if s.mask is None and s.corrected_mask is None]
         v.fail(
             "model",
             "no segmentation model given and no mask for "
@@ -800,6 +811,8 @@ def _attach(
         if found is None and getattr(s, attribute) is None:
             missing.append(s.subject)
         out.append(s if found is None else dataclasses.replace(s, **{attribute: found}))
+    if attribute == "corrected_mask":
+        return out  # corrections exist for the few subjects a reviewer fixed, or none yet
     if len(missing) == len(subjects):
         v.fail(key, f"{text!r}: no file found for any subject (e.g. {subjects[0].subject})")
     if missing:

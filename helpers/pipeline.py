@@ -972,7 +972,7 @@ def input_checksums(study: Study) -> list[dict[str, str]]:
             }
         )
     for s in study.subjects:
-        for role in ("image", "mask", "manual_mask", "levels", "water", "fat"):
+        for role in ("image", "mask", "manual_mask", "levels", "water", "fat", "corrected_mask"):
             path = getattr(s, role)
             if path is not None:
                 rows.append(
@@ -1132,7 +1132,10 @@ def write_index(
         for c in manifest["checksums"]
     )
     empty = '<tr><td colspan="3">none</td></tr>'
-    ingest_section = _warnings_section(run_dir) + _ingest_section(run_dir)
+    from helpers.corrections import mask_sources_section
+
+    ingest_section = (_warnings_section(run_dir) + _ingest_section(run_dir)
+                      + mask_sources_section(run_dir))
     description = e(manifest.get("description") or "")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -1376,7 +1379,12 @@ def segment_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> pd
     rows: list[dict[str, Any]] = []
     to_segment = []
     for s in study.subjects:
-        if s.mask is not None:
+        if s.corrected_mask is not None:
+            # a reviewer's corrected mask replaces the model's or the given one
+            from helpers.corrections import corrected_row
+
+            rows.append(corrected_row(study, s))
+        elif s.mask is not None:
             rows.append(
                 {
                     "subject": s.subject,
@@ -1405,6 +1413,9 @@ def segment_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> pd
     order = {s: i for i, s in enumerate(study.subject_ids)}
     table = table.sort_values("subject", key=lambda c: c.map(order)).reset_index(drop=True)
     atomic_write_text(paths.file("segmentation.csv"), table.to_csv(index=False))
+    from helpers.corrections import write_mask_sources
+
+    write_mask_sources(paths.file("mask_sources.csv"), table)
     failed = table[table["status"] == "failed"]
     write_failures(paths, "segment", failed[["subject", "error"]].assign(stage="segment"))
     record_stage(paths, "segment", table, time.perf_counter() - t0)
@@ -1943,7 +1954,8 @@ def qc_subject(task: QCTask) -> dict[str, Any]:
         check_same_grid(image, mask)
         manual = load_mask(task.manual) if task.manual else None
         rows = qc.check_subject(
-            task.subject, mask, labels, levels=levels, manual=manual, settings=settings
+            task.subject, mask, labels, levels=levels, manual=manual, settings=settings,
+            image=image,
         )
     except EsmaError as exc:
         # unreadable or off-grid files: one failing QC row naming the file, not a crash
@@ -2092,17 +2104,40 @@ def qc_stage(
     # run, listed in failures_qc.csv, never a decision about the subject: no row is seeded.
     could_not_run = [r["subject"] for r in status_rows if r["status"] == "failed"]
     decisions = qc.init_decisions(
-        summary[~summary["subject"].isin(could_not_run)], paths.decisions
+        summary[~summary["subject"].isin(could_not_run)], paths.decisions,
+        inputs=_decision_inputs(tasks),
     )
     atomic_write_text(paths.file("qc_decisions.csv"), decisions.to_csv(index=False))
     excluded = current_exclusions(study, paths)
-    summary = summary.merge(
-        decisions[["subject", "decision", "reviewer"]], on="subject", how="left"
-    )
+    shown = ["subject", "decision", "reviewer"] + (["stale"] if "stale" in decisions else [])
+    summary = summary.merge(decisions[shown], on="subject", how="left")
     status = pd.DataFrame(status_rows, columns=STATUS_COLUMNS)
     write_failures(paths, "qc", status.loc[status["status"] == "failed", ["subject", "error"]])
     record_stage(paths, "qc", status, time.perf_counter() - t0)
     return QCOutputs(table, summary, decisions, excluded, mosaics, measured)
+
+
+def _decision_inputs(tasks: Mapping[str, QCTask]) -> dict[str, str]:
+    """Subject -> fingerprint of its QC inputs (mask, image, manual mask, levels, settings).
+
+    ``settings`` covers the QC settings and the label file; a change of any of these re-derives
+    an automatic QC decision and marks a reviewer's decision stale (:func:`qc.init_decisions`).
+    """
+    from helpers import qc
+
+    out = {}
+    for subject, task in tasks.items():
+        key = _qc_key(task)
+        out[subject] = qc.inputs_fingerprint(
+            {
+                "mask": key["mask"],
+                "image": key["image"],
+                "manual": key["manual"],
+                "levels": key["levels"],
+                "settings": {"qc": key["settings"], "labels": key["labels"]},
+            }
+        )
+    return out
 
 
 def current_exclusions(study: Study, paths: RunPaths) -> pd.DataFrame:

@@ -56,6 +56,7 @@ __all__ = [
     "CHECKS",
     "DECISIONS",
     "DECISION_COLUMNS",
+    "INPUT_COLUMNS",
     "QC_COLUMNS",
     "STATUSES",
     "SUMMARY_COLUMNS",
@@ -72,6 +73,7 @@ __all__ = [
     "dice_table",
     "excluded_subjects",
     "init_decisions",
+    "inputs_fingerprint",
     "label_colours",
     "lateralization_checks",
     "midline_checks",
@@ -139,6 +141,15 @@ CHECKS: dict[str, str] = {
     "dice": "Dice overlap (0-1) with the manual mask",
     "outlier_csa_mm2": "robust z of csa_mm2 against the cohort (same muscle, side, level)",
     "outlier_fat_pct": "robust z of fat_pct against the cohort (same muscle, side, level)",
+    # anatomical plausibility (helpers.anatomy)
+    "inside_body": "share (0-1) of the label's voxels outside the body outline",
+    "posterior_cover": "median thickness (mm) of unlabelled non-fat tissue between the back "
+    "muscle and the posterior subcutaneous fat",
+    "intensity": "label median intensity / median of the image's bright tissue (fat)",
+    "arrangement": "margin (mm, + = anatomical order) of a medial/lateral or "
+    "anterior/posterior relation of two muscles on one side",
+    "mirror": "largest offset (mm) of a right/left pair from mirror symmetry about the midline",
+    "csa_range": "median per-slice area (mm2) of the label over the level's slices",
 }
 
 #: MAD to standard deviation for normal data.
@@ -199,6 +210,35 @@ class QCSettings:
         Label overlay opacity (0-1) in mosaics.  Default 0.45.
     convention : {"radiological", "neurological"}
         Screen convention of overlays.  Default ``"radiological"`` (patient right on screen left).
+    max_outside_body_fraction : float
+        A label with more than this share (0-1) of its voxels outside the body outline fails
+        (``inside_body``).  Default 0.10.
+    max_posterior_cover_mm : float
+        Erector spinae or multifidus with more than this (median, mm) of unlabelled non-fat
+        tissue between it and the posterior subcutaneous fat fails (``posterior_cover``): the
+        back muscles lie directly beneath the fat and the thoracolumbar fascia.  Default 25 mm.
+    max_fat_intensity_ratio : float
+        A label whose median intensity is at least this share of the fat's fails
+        (``intensity``).  Default 0.85.
+    max_mirror_offset_mm : float
+        A right/left pair further than this (mm) from mirror symmetry about the midline fails
+        (``mirror``).  Default 30 mm.
+    csa_fail_factor : float
+        A label's median area per level fails when outside the physiological range
+        (:data:`helpers.anatomy.PHYSIOLOGICAL_CSA_MM2`) by more than this factor.  Default 2.
+    csa_range_status : {"flag", "pass"}
+        Status of an area outside the physiological range but within ``csa_fail_factor``.
+        Default ``"flag"``.
+    tip_slices : int
+        Slices at each end of a label's span where fragmentation is recorded but not flagged:
+        a muscle tapers and splits into fascicles at its ends (psoas at the sacrum, quadratus
+        lumborum at the iliac crest).  Likewise, at the first and last level of a label's span
+        (its tips) a low Dice and a small area are recorded but not flagged.  Default 2.
+    outlier_flag_levels : {"all", "each"}
+        Which cohort outliers are flagged: ``"all"`` (default) those of the whole stack only
+        (per-level outliers are recorded in ``qc.csv`` with status ``pass``: with about 80
+        values per subject, per-level ``|z| > 3.5`` is flagged in a third of the demo's
+        well-segmented subjects), ``"each"`` every level.
     """
 
     min_largest_component_fraction: float = 0.90
@@ -215,6 +255,14 @@ class QCSettings:
     mosaic_max_slices: int = 12
     mosaic_opacity: float = 0.45
     convention: str = "radiological"
+    max_outside_body_fraction: float = 0.10
+    max_posterior_cover_mm: float = 25.0
+    max_fat_intensity_ratio: float = 0.85
+    max_mirror_offset_mm: float = 30.0
+    csa_fail_factor: float = 2.0
+    csa_range_status: str = "flag"
+    tip_slices: int = 2
+    outlier_flag_levels: str = "all"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -277,6 +325,8 @@ _CHOICES = {
     "empty_label_status": ("fail", "flag"),
     "level_absent_status": STATUSES,
     "convention": ("radiological", "neurological"),
+    "csa_range_status": ("flag", "pass"),
+    "outlier_flag_levels": ("all", "each"),
 }
 _RANGES: dict[str, tuple[float, float]] = {
     "min_largest_component_fraction": (0.0, 1.0),
@@ -289,6 +339,12 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_border_voxels": (0, math.inf),
     "mosaic_max_slices": (1, 200),
     "mosaic_opacity": (0.0, 1.0),
+    "max_outside_body_fraction": (0.0, 1.0),
+    "max_posterior_cover_mm": (0.0, math.inf),
+    "max_fat_intensity_ratio": (0.0, math.inf),
+    "max_mirror_offset_mm": (0.0, math.inf),
+    "csa_fail_factor": (1.0, math.inf),
+    "tip_slices": (0, 50),
 }
 
 
@@ -687,7 +743,7 @@ def lateralization_checks(
                 reason = (
                     f"right {muscle} centroid lies {abs(sep):.1f} mm to the patient's "
                     f"{'left' if sep < 0 else 'right'} of the left {muscle} (world x, RAS): "
-                    "labels swapped?"
+                    "right and left labels swapped?"
                 )
                 status = "fail"
             else:
@@ -904,6 +960,9 @@ def outlier_checks(metrics: pd.DataFrame, settings: QCSettings | None = None) ->
                 f"{unit}: robust z {r.z:+.1f} (|z| > {settings.robust_z_threshold:g})"
             )
             status = "flag"
+            if settings.outlier_flag_levels == "all" and r.level != ALL_LEVELS:
+                status = "pass"
+                reason += "; one level only: recorded, not flagged (outlier_flag_levels all)"
         else:
             reason = f"robust z {r.z:+.1f}"
             status = "pass"
@@ -949,6 +1008,34 @@ def midline_checks(
     return _frame(rows)
 
 
+def tip_levels(
+    mask: NDArray[np.integer], labels: LabelTable, levels: pd.DataFrame | None, axis: int
+) -> dict[int, set[str]]:
+    """Label value -> the first and last level (in slice order) holding it: the muscle's tips.
+
+    Empty sets without a level table or for a label present on fewer than two levels.
+
+    Examples
+    --------
+    >>> m = np.zeros((1, 1, 3), dtype=np.int16); m[..., :] = 1
+    >>> lv = pd.DataFrame({"slice": [0, 1, 2], "level": ["L5", "L4", "L3"]})
+    >>> sorted(tip_levels(m, LabelTable((Label(1, "mf", "right"),)), lv, axis=2)[1])
+    ['L3', 'L5']
+    """
+    out: dict[int, set[str]] = {lab.value: set() for lab in labels.labels}
+    if levels is None or levels.empty:
+        return out
+    groups = _level_groups(levels, np.asarray(mask).shape[axis], with_all=False,
+                           with_unassigned=False)
+    in_plane = tuple(i for i in range(3) if i != axis)
+    for lab in labels.labels:
+        per_slice = (np.asarray(mask) == lab.value).any(axis=in_plane)
+        present = [lv_ for lv_, sl in groups if per_slice[sl].any()]
+        if len(present) >= 2:
+            out[lab.value] = {present[0], present[-1]}
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # One subject
 # --------------------------------------------------------------------------------------------
@@ -962,6 +1049,7 @@ def check_subject(
     levels: pd.DataFrame | None = None,
     manual: Volume | None = None,
     settings: QCSettings | None = None,
+    image: Volume | None = None,
 ) -> pd.DataFrame:
     """All per-subject QC checks on one segmentation.
 
@@ -980,6 +1068,10 @@ def check_subject(
         A manual mask on the same grid: adds ``dice`` rows.
     settings : QCSettings, optional
         Thresholds.
+    image : Volume, optional
+        The MR image on the mask's grid: adds the image-based plausibility checks
+        (``inside_body``, ``posterior_cover``, ``intensity``; :mod:`helpers.anatomy`).  The
+        mask-only plausibility checks (``arrangement``, ``mirror``, ``csa_range``) always run.
 
     Returns
     -------
@@ -1084,17 +1176,21 @@ def check_subject(
                 status = "pass"
             rows.append(_row(subject, level, "truncation_inplane", status, n_border, reason, lab))
             # fragmentation
+            tip = settings.tip_slices
+            body_slices = [
+                s for s in in_group if c.first_slice + tip <= s <= c.last_slice - tip
+            ]
             judged = lab_comps.loc[
                 [
                     s
-                    for s in in_group
+                    for s in body_slices
                     if lab_comps.loc[s, "n_voxels"] >= settings.fragmentation_min_voxels
                 ]
             ]
             if judged.empty:
                 reason = (
                     f"not judged: fewer than {settings.fragmentation_min_voxels} voxels on "
-                    "every slice"
+                    f"every slice outside the label's {tip} end slices (tips)"
                 )
                 rows.append(_row(subject, level, "fragmentation", "pass", math.nan, reason, lab))
                 continue
@@ -1122,9 +1218,27 @@ def check_subject(
 
     rows.extend(midline_checks(subject, data, mask.affine, labels).to_dict("records"))
 
+    # anatomical plausibility (helpers.anatomy): gross errors fail
+    from helpers.anatomy import plausibility_checks
+
+    if image is not None:
+        check_same_grid(image, mask)
+    plaus = plausibility_checks(
+        subject,
+        data,
+        mask.affine,
+        labels,
+        image=None if image is None else np.asarray(image.data),
+        groups=_level_groups(lv, n, with_all=lv is None, with_unassigned=False),
+        settings=settings,
+        tips=tip_levels(data, labels, lv, axis),
+    )
+    rows.extend(plaus.to_dict("records"))
+
     if manual is not None:
         check_same_grid(mask, manual)
         mdata = np.asarray(manual.data)
+        tips = tip_levels(data, labels, lv, axis)
         for level, slices in _level_groups(lv, n, with_all=True, with_unassigned=False):
             table = dice_table(data, mdata, labels, axis=axis, slices=slices)
             for r, lab in zip(table.itertuples(index=False), labels.labels, strict=True):
@@ -1140,7 +1254,13 @@ def check_subject(
                     f"Dice {r.dice:.3f} ({r.n_auto} automatic, {r.n_manual} manual, "
                     f"{r.n_overlap} shared voxels)"
                 )
-                if status == "flag":
+                if status == "flag" and level in tips.get(lab.value, set()):
+                    status = "pass"
+                    reason += (
+                        f" < min_dice {settings.min_dice:g} at a tip level of the muscle "
+                        "(boundary dominates: recorded, not flagged)"
+                    )
+                elif status == "flag":
                     reason += f" < min_dice {settings.min_dice:g}"
                 rows.append(_row(subject, level, "dice", status, r.dice, reason, lab))
     return _frame(rows)
@@ -1699,7 +1819,9 @@ def run_qc(
             if image is not None:
                 check_same_grid(image, mask)
             frames.append(
-                check_subject(subject, mask, labels, levels=lv, manual=manual, settings=settings)
+                check_subject(
+                    subject, mask, labels, levels=lv, manual=manual, settings=settings, image=image
+                )
             )
         except InputFileError as exc:
             problem = exc.problem.replace(str(exc.path), exc.path.name)
@@ -1816,13 +1938,74 @@ def _write_decisions(path: Path, df: pd.DataFrame) -> None:
     atomic_write_text(path, df[cols].to_csv(index=False))
 
 
-def init_decisions(qc_summary: pd.DataFrame, path: str | Path) -> pd.DataFrame:
-    """Create or extend ``qc_decisions.csv`` from the QC summary without touching existing rows.
+#: Extra columns of ``qc_decisions.csv`` written when QC knows each subject's inputs:
+#:
+#: - ``inputs``: fingerprint of the inputs the decision was taken on (``mask=..;image=..;...``,
+#:   first 12 hex digits of each sha256; ``settings`` covers the QC settings and label file);
+#: - ``qc_inputs``: fingerprint of the inputs of the latest QC;
+#: - ``stale``: empty, or which inputs changed since a reviewer's decision (the decision is
+#:   kept and still honoured: look again).
+INPUT_COLUMNS = ("inputs", "qc_inputs", "stale")
 
-    Subjects already in the file keep their rows exactly as they are (a reviewer's edits are
-    never overwritten); subjects not yet listed are appended with the decision QC suggests:
-    ``exclude`` when their QC status is ``fail``, else ``include``; reviewer ``auto-qc``; the
-    QC reasons; the current UTC time.  When nothing is missing the file is not rewritten.
+
+def inputs_fingerprint(parts: Mapping[str, Any]) -> str:
+    """Compact fingerprint of a subject's QC inputs, e.g. ``'image=3fa9..;mask=91bc..'``.
+
+    Parameters
+    ----------
+    parts : mapping
+        Input name -> sha256 hex digest (or any value: non-strings are hashed as JSON; None
+        is written as ``-``).
+
+    Examples
+    --------
+    >>> inputs_fingerprint({"mask": "a" * 64, "image": None})
+    'image=-;mask=aaaaaaaaaaaa'
+    """
+    import hashlib
+    import json
+
+    out = []
+    for key in sorted(parts):
+        value = parts[key]
+        if value is None:
+            digest = "-"
+        elif isinstance(value, str):
+            digest = value[:12]
+        else:
+            text = json.dumps(value, sort_keys=True, default=str).encode()
+            digest = hashlib.sha256(text).hexdigest()[:12]
+        out.append(f"{key}={digest}")
+    return ";".join(out)
+
+
+def _changed_inputs(old: str, new: str) -> list[str]:
+    def parse(text: str) -> dict[str, str]:
+        return dict(p.split("=", 1) for p in text.split(";") if "=" in p)
+
+    a, b = parse(old), parse(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def init_decisions(
+    qc_summary: pd.DataFrame,
+    path: str | Path,
+    *,
+    inputs: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Create or update ``qc_decisions.csv`` from the QC summary; a reviewer's rows are kept.
+
+    - Subjects not yet listed are appended with the decision QC suggests: ``exclude`` when
+      their QC status is ``fail``, else ``include``; reviewer ``auto-qc``; the QC reasons; the
+      current UTC time.
+    - Rows of reviewer ``auto-qc`` are automatic: they are re-derived from the current QC
+      whenever its suggestion, reasons or the subject's inputs changed (a corrected mask is no
+      longer excluded by the old mask's ``fail``).
+    - Rows of any other reviewer are never changed, except for the :data:`INPUT_COLUMNS`:
+      ``qc_inputs`` follows the latest QC, and ``stale`` names the inputs that changed since the
+      decision (``inputs``).  The decision itself stays in force.
+
+    When nothing changed the file is not rewritten.
 
     Parameters
     ----------
@@ -1830,6 +2013,9 @@ def init_decisions(qc_summary: pd.DataFrame, path: str | Path) -> pd.DataFrame:
         :func:`summarize_qc` output (``subject``, ``status``, ``reasons``).
     path : path
         The decisions file.
+    inputs : mapping, optional
+        Subject -> :func:`inputs_fingerprint` of its QC inputs (mask, image, settings, ...).
+        Without it the :data:`INPUT_COLUMNS` are not written.
 
     Returns
     -------
@@ -1837,43 +2023,70 @@ def init_decisions(qc_summary: pd.DataFrame, path: str | Path) -> pd.DataFrame:
         The decisions as now on disk (see :func:`read_decisions`).
     """
     path = Path(path)
-    existing = read_decisions(path) if path.exists() else pd.DataFrame(columns=DECISION_COLUMNS)
-    stale = _infrastructure_rows(existing)
-    if stale.any():  # issue 16: an auto-qc row made from a QC that could not run is no decision
-        dropped = sorted(existing.loc[stale, "subject"])
-        log.warning(
-            "decisions: %d auto-qc rows came from a QC that could not run (%s); re-seeded "
-            "from this QC", len(dropped), ", ".join(dropped[:5]),
-        )
+    if path.exists():
+        read_decisions(path)  # validate before changing anything
         raw = _read_raw(path)
-        _write_decisions(path, raw[~raw["subject"].str.strip().isin(dropped)])
-        existing = existing[~stale]
-    known = set(existing["subject"])
+    else:
+        raw = pd.DataFrame(columns=DECISION_COLUMNS)
+    raw = raw.astype(object).fillna("")
+    # issue 16: an auto-qc row made from a QC that could not run is no decision: drop it
+    dropped = raw.loc[_infrastructure_rows(raw), "subject"].astype(str).str.strip().tolist()
+    if dropped:
+        log.warning("decisions: %d auto-qc rows came from a QC that could not run (%s); "
+                    "re-seeded from this QC", len(dropped), ", ".join(sorted(dropped)[:5]))
+        raw = raw[~_infrastructure_rows(raw)].reset_index(drop=True)
+    if inputs is not None:
+        for col in INPUT_COLUMNS:
+            if col not in raw.columns:
+                raw[col] = ""
+    index = {str(s).strip(): i for i, s in enumerate(raw["subject"])}
     new_rows = []
+    n_updated = 0
     stamp = _now()
     for r in qc_summary.itertuples(index=False):
         subject = str(r.subject)
-        if subject in known:
-            continue
-        known.add(subject)
         decision = "exclude" if r.status == "fail" else "include"
         reason = f"QC {r.status}" + (f": {r.reasons}" if getattr(r, "reasons", "") else "")
-        new_rows.append(
-            {
+        fp = None if inputs is None else inputs.get(subject)
+        if subject not in index:
+            index[subject] = -1
+            row = {
                 "subject": subject,
                 "decision": decision,
                 "reviewer": AUTO_REVIEWER,
                 "reason": reason,
                 "timestamp": stamp,
             }
-        )
-    if not new_rows and path.exists():
-        return existing
-    raw = _read_raw(path) if path.exists() else pd.DataFrame(columns=DECISION_COLUMNS)
-    added = pd.DataFrame(new_rows, columns=list(DECISION_COLUMNS))
-    merged = pd.concat([raw, added], ignore_index=True).fillna("")
+            if inputs is not None:
+                row.update({"inputs": fp or "", "qc_inputs": fp or "", "stale": ""})
+            new_rows.append(row)
+            continue
+        i = index[subject]
+        if i < 0:
+            continue  # listed twice in the summary
+        before = raw.loc[i].to_dict()
+        if str(before["reviewer"]).strip() == AUTO_REVIEWER:
+            if before["decision"].strip().lower() != decision or before["reason"] != reason:
+                raw.loc[i, ["decision", "reason", "timestamp"]] = [decision, reason, stamp]
+            if fp is not None:
+                raw.loc[i, ["inputs", "qc_inputs", "stale"]] = [fp, fp, ""]
+        elif fp is not None:
+            decided_on = str(before.get("inputs", "")) or fp  # first time known: baseline
+            changed = _changed_inputs(decided_on, fp)
+            stale = (
+                f"inputs changed since this decision: {', '.join(changed)}" if changed else ""
+            )
+            raw.loc[i, ["inputs", "qc_inputs", "stale"]] = [decided_on, fp, stale]
+        if raw.loc[i].to_dict() != before:
+            n_updated += 1
+    if not new_rows and not n_updated and not dropped and path.exists():
+        return read_decisions(path)
+    added = pd.DataFrame(new_rows, columns=list(raw.columns))
+    merged = pd.concat([raw, added], ignore_index=True).fillna("") if new_rows else raw
     _write_decisions(path, merged)
-    log.info("decisions: %d subjects added to %s", len(new_rows), path.name)
+    log.info(
+        "decisions: %d subjects added, %d updated in %s", len(new_rows), n_updated, path.name
+    )
     return read_decisions(path)
 
 
@@ -1915,6 +2128,11 @@ def set_decision(
     ------
     EsmaError
         Empty subject or reviewer, or a decision other than include/exclude.
+
+    Notes
+    -----
+    When the file tracks inputs (:data:`INPUT_COLUMNS`), the decision is recorded as taken on
+    the inputs of the latest QC (``qc_inputs``) and is no longer ``stale``.
     """
     path = Path(path)
     subject = str(subject).strip()
@@ -1942,6 +2160,10 @@ def set_decision(
         "timestamp": _now(),
     }
     hit = df["subject"].str.strip() == subject
+    if "qc_inputs" in df.columns:
+        # the reviewer decides on what QC last saw: that becomes the decision's inputs
+        current = df.loc[hit, "qc_inputs"].iloc[0] if hit.any() else ""
+        record.update({"inputs": current, "stale": ""})
     if hit.any():
         for key, value in record.items():
             df.loc[hit, key] = value

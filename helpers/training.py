@@ -57,7 +57,14 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from helpers.errors import ConfigError, EsmaError, GeometryMismatchError, InputFileError, LabelError
+from helpers.errors import (
+    ConfigError,
+    EsmaError,
+    GeometryMismatchError,
+    InputFileError,
+    LabelError,
+    ModelError,
+)
 from helpers.files import atomic_path, atomic_write_text
 from helpers.labels import LabelTable, load_labels
 from helpers.nifti import check_same_grid, load_image, load_mask, save_like, subject_from_filename
@@ -202,6 +209,10 @@ class TrainSettings:
     seed : int
         Seeds torch and numpy in the training process (augmentation workers are not seeded:
         nnU-Net training is not bit-reproducible).
+    init_from : str, optional
+        A parent model (exported zip or trained folder) to fine-tune: its plans (network,
+        spacing, normalisation) are used instead of new ones and its fold weights initialise
+        the training (nnU-Net's ``pretrained_weights``).  Its labels must equal the cases'.
     """
 
     dataset_id: int = 501
@@ -225,6 +236,7 @@ class TrainSettings:
     resume: bool = False
     save_every: int | None = None
     seed: int = 12345
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if not 11 <= int(self.dataset_id) <= 999:
@@ -256,6 +268,9 @@ class TrainSettings:
             raise ConfigError(msg)
         if self.save_every is not None and int(self.save_every) < 1:
             msg = f"save_every must be at least 1, got {self.save_every!r}"
+            raise ConfigError(msg)
+        if self.init_from is not None and self.small_network is not None:
+            msg = "init_from fine-tunes the parent model's own network: drop small_network"
             raise ConfigError(msg)
         if self.small_network is not None and self.configuration != "2d":
             msg = "small_network shrinks the 2d configuration: use configuration='2d'"
@@ -662,6 +677,13 @@ def _worker_main(step: str, config_path: str) -> None:  # pragma: no cover - run
         if cfg.get("resume") and latest.is_file():
             trainer.load_checkpoint(str(latest))  # as nnU-Net's --c: epoch, optimizer, logs
             sys.stdout.write(f"esma: resuming from {latest} at epoch {trainer.current_epoch}\n")
+        elif cfg.get("pretrained_weights"):
+            # as nnunetv2.run.run_training.maybe_load_checkpoint with pretrained_weights
+            from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+            if not trainer.was_initialized:
+                trainer.initialize()
+            load_pretrained_weights(trainer.network, cfg["pretrained_weights"], verbose=False)
         trainer.run_training()
         trainer.perform_actual_validation(False)
     else:
@@ -753,11 +775,13 @@ def plan_and_preprocess(dirs: NnunetDirs, settings: TrainSettings) -> str:
     plans_file = planned[-1]
     plans_identifier = plans_file.stem
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
-    if settings.configuration not in plans["configurations"]:
+    if settings.init_from is None and settings.configuration not in plans["configurations"]:
         have = ", ".join(plans["configurations"])
         msg = f"nnU-Net planned no {settings.configuration!r} configuration (planned: {have})"
         raise ConfigError(msg)
-    if settings.small_network is not None:
+    if settings.init_from is not None:
+        plans_identifier = _parent_plans(settings, pre)
+    elif settings.small_network is not None:
         fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text(encoding="utf-8"))
         small = _small_plans(plans, fingerprint, settings.small_network)
         plans_identifier = settings.small_network.plans_name
@@ -819,6 +843,9 @@ def train_fold(
         "seed": settings.seed,
         "resume": settings.resume,
         "save_every": settings.save_every,
+        "pretrained_weights": (
+            str(parent_checkpoint(settings.init_from, fold)) if settings.init_from else None
+        ),
     }
     folder = _trainer_folder(dirs, settings, trainer, plans_identifier) / f"fold_{fold}"
     done = [folder / need for need in ("checkpoint_final.pth", "progress.png",
@@ -997,6 +1024,8 @@ def train_model(
     """
     settings = settings or TrainSettings()
     table = labels if isinstance(labels, LabelTable) else load_labels(labels)
+    if settings.init_from is not None:
+        metadata = {**dict(metadata or {}), **parent_card(settings.init_from, table, cases)}
     dirs = NnunetDirs(Path(work_dir)).make()
     t0, c0 = time.perf_counter(), _cpu_seconds()
     stages: dict[str, float] = {}
@@ -1020,6 +1049,8 @@ def train_model(
         atomic_write_text(stamp_file, json.dumps({"stamp": stamp,
                                                   "plans_identifier": plans_identifier}))
     trainer = _trainer_name(settings, table)
+    if settings.init_from is not None:
+        trainer = _parent_model(settings.init_from).trainer  # same network, same mirroring
     t = time.perf_counter()
     for fold in settings.folds:
         train_fold(dirs, settings, plans_identifier, trainer, fold)
@@ -1057,7 +1088,7 @@ def _prepared_stamp(cases: Sequence[TrainingCase], labels: LabelTable,
             h.update(f"{case.case_id}|{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     keep = {k: v for k, v in asdict(settings).items()
             if k in ("dataset_id", "dataset_name", "configuration", "validation_cases",
-                     "planner", "small_network", "reader")}
+                     "planner", "small_network", "reader", "init_from")}
     h.update(json.dumps([labels_document(labels), keep], sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -1237,3 +1268,112 @@ _PNG_1PX = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
 )
+
+
+# --------------------------------------------------------- fine-tuning a parent model (issue 15)
+def _parent_model(init_from: str | Path) -> Any:
+    from helpers.segment import load_model
+
+    return load_model(init_from)
+
+
+def parent_checkpoint(init_from: str | Path, fold: int | str) -> Path:
+    """The parent model's checkpoint that initialises ``fold`` (the same fold, else its first).
+
+    Raises
+    ------
+    ModelError
+        The parent has no fold checkpoint (via :func:`helpers.segment.load_model`).
+    """
+    info = _parent_model(init_from)
+    use = fold if fold in info.folds else info.folds[0]
+    return Path(info.folder) / f"fold_{use}" / "checkpoint_final.pth"
+
+
+def _parent_plans(settings: TrainSettings, preprocessed: Path) -> str:
+    """Copy the parent's plans into the new dataset's preprocessed folder; return their name.
+
+    The parent's network, spacing and normalisation are kept (the weights must fit); only the
+    dataset name changes.  The new dataset's own fingerprint (written by the planning step) is
+    used for its intensity statistics.
+    """
+    info = _parent_model(str(settings.init_from))
+    plans = json.loads((Path(info.folder) / "plans.json").read_text(encoding="utf-8"))
+    if info.configuration not in plans.get("configurations", {}):
+        msg = f"parent plans lack the {info.configuration!r} configuration"
+        raise ModelError(info.source, msg)
+    if settings.configuration != info.configuration:
+        msg = (
+            f"the parent model is a {info.configuration!r} model: fine-tune with "
+            f"configuration={info.configuration!r}, not {settings.configuration!r}"
+        )
+        raise ConfigError(msg)
+    plans["dataset_name"] = settings.dataset_folder_name
+    name = str(plans.get("plans_name") or info.plans)
+    atomic_write_text(preprocessed / f"{name}.json", json.dumps(plans, indent=2))
+    return name
+
+
+def parent_card(
+    init_from: str | Path, labels: LabelTable, cases: Sequence[TrainingCase]
+) -> dict[str, Any]:
+    """Model-card entries of a fine-tuned model: its parent (file, sha256, labels) and cases.
+
+    Raises
+    ------
+    ModelError
+        Naming the parent: its output labels differ from the cases' labels (the output layer
+        would not fit).
+    """
+    info = _parent_model(init_from)
+    parent = [(x.value, x.muscle, x.side) for x in info.labels.labels]
+    mine = [(x.value, x.muscle, x.side) for x in labels.labels]
+    if parent != mine:
+        msg = (
+            f"its labels {parent} differ from the training labels {mine}: a fine-tuned model "
+            "keeps its parent's outputs"
+        )
+        raise ModelError(info.source, msg)
+    return {
+        "parent_model": {
+            "file": Path(info.source).name,
+            "sha256": info.sha256,
+            "configuration": info.configuration,
+            "trainer": info.trainer,
+            "plans": info.plans,
+        },
+        "fine_tuned_on": sorted(c.case_id for c in cases),
+    }
+
+
+def compare_models(
+    models: Mapping[str, str | Path],
+    cases: Sequence[TrainingCase],
+    labels: LabelTable,
+    work_dir: str | Path,
+    *,
+    device: str = "cpu",
+) -> pd.DataFrame:
+    """Dice of several models on held-out cases (e.g. ``{"before": parent, "after": child}``).
+
+    Returns
+    -------
+    DataFrame
+        ``model, subject, value, muscle, side, dice`` (one row per model, case and label).
+    """
+    from helpers.segment import SegmentSettings, segment_cohort
+
+    frames = []
+    for name, model in models.items():
+        out = segment_cohort(
+            [c.image for c in cases],
+            model,
+            Path(work_dir) / name,
+            SegmentSettings(device=device),
+            progress=False,
+        )
+        masks = dict(zip(out["image"].astype(str), out["mask"], strict=True))
+        pairs = {c.case_id: (masks[str(c.image)], c.mask) for c in cases}
+        frames.append(evaluate_masks(pairs, labels).assign(model=name))
+    table = pd.concat(frames, ignore_index=True)
+    return table[["model", "subject", "value", "muscle", "side", "dice"]]

@@ -554,3 +554,26 @@ def test_redact_paths_keeps_file_names_only():
     )
     assert pipeline.redact_paths("/data/DOE_JOHN/sub-7_T2w.nii.gz: bad") == "sub-7_T2w.nii.gz: bad"
     assert pipeline.redact_paths("ratio 1/2, p < 0.05") == "ratio 1/2, p < 0.05"
+
+
+@pytest.mark.e2e
+def test_e2e_qc_flags_are_rare_and_no_usable_mask_fails(e2e):
+    """Issue 15: a flag means "look at this" (under a third of the cohort), and the demo
+    model's masks of the synthetic subjects (usable masks) never fail the anatomical checks."""
+    summary = pd.read_csv(
+        Path(e2e["runs"][0]) / "qc_summary.csv", dtype=str, keep_default_na=False
+    ).set_index("subject")
+    good = summary.drop(index=e2e["bad"], errors="ignore")
+    assert len(good) == CI_SPEC.n_synthetic
+    assert (good["status"] == "fail").sum() == 0, good.loc[good["status"] == "fail", "reasons"]
+    assert (good["status"] == "flag").sum() < len(good) / 3, good["reasons"].tolist()
+    # every subject's mask source and checksum is recorded and shown in index.html
+    run = Path(e2e["runs"][0])
+    sources = pd.read_csv(run / "mask_sources.csv", dtype=str, keep_default_na=False)
+    sources = sources.set_index("subject")
+    expected = "model" if e2e["model"] else "given"
+    assert set(sources.loc[list(good.index), "source"]) == {expected}
+    assert (sources.loc[list(good.index), "sha256"].str.len() == 64).all()
+    index = (run / "index.html").read_text()
+    assert "<h2>Masks</h2>" in index
+    assert f"{expected} {len(good)}" in index

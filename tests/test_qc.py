@@ -79,8 +79,15 @@ def _swap_sides(data: np.ndarray) -> np.ndarray:
 
 
 def _image_for(mask: np.ndarray) -> np.ndarray:
+    """A T2-like image for the tiny anatomy: air (about 5) around a body of bright fat (600)
+    holding dark muscles (100), so the anatomical checks see a plausible scan."""
     rng = np.random.default_rng(0)
-    return (rng.normal(100, 10, mask.shape) + 200 * (mask > 0)).astype(np.float32)
+    image = np.abs(rng.normal(5, 2, mask.shape))
+    body = np.zeros(mask.shape, dtype=bool)
+    body[1:-1, 2:-2, :] = True
+    image[body] = rng.normal(600, 20, int(body.sum()))
+    image[mask > 0] = rng.normal(100, 10, int((mask > 0).sum()))
+    return image.astype(np.float32)
 
 
 def _rows(table: pd.DataFrame, check: str, **where: str) -> pd.DataFrame:
@@ -270,7 +277,7 @@ def test_fragmented_label_is_flagged_with_planted_fraction():
         "s1",
         _volume(data, _lps_affine()),
         LABELS,
-        settings=qc.QCSettings(fragmentation_min_voxels=10),
+        settings=qc.QCSettings(fragmentation_min_voxels=10, tip_slices=0),
     )
     frag = _rows(out, "fragmentation").set_index(["muscle", "side"])
     assert frag.loc[("multifidus", "right"), "status"] == "flag"
@@ -284,9 +291,20 @@ def test_fragmented_label_is_flagged_with_planted_fraction():
         "s1",
         _volume(data, _lps_affine()),
         LABELS,
-        settings=qc.QCSettings(min_largest_component_fraction=0.7, fragmentation_min_voxels=10),
+        settings=qc.QCSettings(
+            min_largest_component_fraction=0.7, fragmentation_min_voxels=10, tip_slices=0
+        ),
     )
     assert set(_rows(lenient, "fragmentation")["status"]) == {"pass"}
+
+    # by default the 2 end slices of a label's span (its tips) are not judged: the label spans
+    # slices 1-4, so slice 2 is a tip slice and the split is recorded but not flagged
+    tips = qc.check_subject(
+        "s1", _volume(data, _lps_affine()), LABELS, settings=qc.QCSettings(fragmentation_min_voxels=10)
+    )
+    tip_rows = _rows(tips, "fragmentation", muscle="multifidus", side="right")
+    assert tip_rows["status"].tolist() == ["pass"]
+    assert "tips" in tip_rows["reason"].iloc[0]
 
 
 def test_fragmentation_connectivity_and_small_slices():
@@ -369,7 +387,16 @@ def test_qc_rows_have_the_documented_columns_and_known_checks():
     assert tuple(out.columns) == qc.QC_COLUMNS
     assert set(out["check"]) <= set(qc.CHECKS)
     assert set(out["status"]) <= set(qc.STATUSES)
-    assert set(out["status"]) == {"pass"}  # the clean tiny anatomy passes everything
+    # the clean tiny anatomy passes everything but the physiological area range: its
+    # multifidus is 5 x 6 voxels of 2 x 2 mm = 120 mm2 per slice, below 150 mm2 (a flag, not a
+    # fail: within the factor 2 of csa_fail_factor); its psoas (120 mm2) is within 80-3500
+    area = out[out["check"] == "csa_range"].set_index(["muscle", "side"])
+    assert area["value"].to_dict() == pytest.approx(
+        {(m, s): 120.0 for m in ("multifidus", "psoas_major") for s in ("right", "left")}
+    )
+    assert set(area.loc["multifidus", "status"]) == {"flag"}
+    assert set(area.loc["psoas_major", "status"]) == {"pass"}
+    assert set(out.loc[out["check"] != "csa_range", "status"]) == {"pass"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,7 +524,7 @@ def test_planted_outliers_are_found_and_clean_cohort_has_none():
         & planted["slice"].isna()
     )
     planted.loc[hit_fat, "fat_pct"] = 40.0
-    flagged = qc.outlier_checks(planted)
+    flagged = qc.outlier_checks(planted, qc.QCSettings(outlier_flag_levels="each"))
     flagged = flagged[flagged["status"] == "flag"]
     got = set(
         flagged[["subject", "level", "muscle", "side", "check"]].itertuples(index=False, name=None)
@@ -508,6 +535,14 @@ def test_planted_outliers_are_found_and_clean_cohort_has_none():
     }
     z = flagged.set_index("check")["value"]
     assert z["outlier_csa_mm2"] < -3.5 < 3.5 < z["outlier_fat_pct"]
+    # by default only whole-stack outliers are flagged; the per-level one is recorded
+    default = qc.outlier_checks(planted)
+    assert set(default.loc[default["status"] == "flag", "subject"]) == {"sub-11"}
+    l4 = default.query("subject == 'sub-05' and level == 'L4' and check == 'outlier_csa_mm2'")
+    l4 = l4.query("muscle == 'multifidus' and side == 'right'")
+    assert l4["status"].tolist() == ["pass"]
+    assert "recorded, not flagged" in l4["reason"].iloc[0]
+    assert l4["value"].iloc[0] == pytest.approx(z["outlier_csa_mm2"])
 
     table = qc.cohort_outliers(planted).query(
         "subject == 'sub-05' and level == 'L4' and "
@@ -794,7 +829,10 @@ def test_run_qc_on_files_writes_tables_mosaics_and_seeds_decisions(tmp_path):
     table = pd.read_csv(res.qc_csv, keep_default_na=False, na_values=[""])
     assert tuple(table.columns) == qc.QC_COLUMNS
     summary = pd.read_csv(res.summary_csv, keep_default_na=False).set_index("subject")
-    assert summary.loc["sub-01", "status"] == "pass"
+    # the clean tiny anatomy: only its 120 mm2 multifidus is flagged (below 150 mm2)
+    assert summary.loc["sub-01", "status"] == "flag"
+    assert summary.loc["sub-01", "reasons"].startswith("flag csa_range right multifidus, left")
+    assert summary.loc["sub-01", "n_flag"] == 2
     assert summary.loc["sub-02", "status"] == "fail"
     assert "lateralization" in summary.loc["sub-02", "reasons"]
     assert summary.loc["sub-03", "status"] == "fail"
