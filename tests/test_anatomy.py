@@ -306,8 +306,8 @@ def _assert_gross_fail(rows: pd.DataFrame, check: str, words: str, name: str) ->
 
 @pytest.fixture(scope="module")
 def example() -> tuple[np.ndarray, np.ndarray, np.ndarray, LabelTable]:
-    image = load_image(EXAMPLE / "sub-0001_T2w.nii.gz")
-    mask = load_mask(EXAMPLE / "sub-0001_T2w_dseg.nii.gz")
+    image = load_image(EXAMPLE / "sub-0001_T1w.nii.gz")
+    mask = load_mask(EXAMPLE / "sub-0001_T1w_dseg.nii.gz")
     assert image.axcodes == ("L", "P", "S")
     return (
         np.asarray(image.data),

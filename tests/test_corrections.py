@@ -55,7 +55,7 @@ def test_label_files_name_and_colour_every_label(example_dir):
 
 
 def _cases(tmp_path: Path, example_dir: Path) -> pd.DataFrame:
-    img = nib.load(example_dir / "sub-0001_T2w.nii.gz")
+    img = nib.load(example_dir / "sub-0001_T1w.nii.gz")
     header = img.header.copy()
     header["descrip"] = b"Doe^Jane 1961-02-03"
     named = tmp_path / "in" / "sub-0001_T2w.nii.gz"
@@ -66,7 +66,7 @@ def _cases(tmp_path: Path, example_dir: Path) -> pd.DataFrame:
             {
                 "subject": "sub-0001",
                 "image": str(named),
-                "mask": str(example_dir / "sub-0001_T2w_dseg.nii.gz"),
+                "mask": str(example_dir / "sub-0001_T1w_dseg.nii.gz"),
                 "status": "fail",
                 "reasons": "fail arrangement: swapped",
                 "source": "model",
@@ -74,7 +74,7 @@ def _cases(tmp_path: Path, example_dir: Path) -> pd.DataFrame:
             {
                 "subject": "sub-0002",
                 "image": str(named),
-                "mask": str(example_dir / "sub-0001_T2w_dseg.nii.gz"),
+                "mask": str(example_dir / "sub-0001_T1w_dseg.nii.gz"),
                 "status": "pass",
                 "reasons": "",
                 "source": "model",
@@ -111,7 +111,7 @@ def test_export_bundle_writes_the_picked_subjects_without_identity(tmp_path, exa
     np.testing.assert_array_equal(np.asanyarray(image.dataobj), np.asanyarray(source.dataobj))
     np.testing.assert_allclose(image.affine, source.affine)
     mask = nib.load(out / "sub-0001" / "sub-0001_dseg.nii.gz")
-    truth = nib.load(example_dir / "sub-0001_T2w_dseg.nii.gz")
+    truth = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz")
     np.testing.assert_array_equal(np.asanyarray(mask.dataobj), np.asanyarray(truth.dataobj))
     readme = (out / "README.md").read_text()
     assert "itksnap -g" in readme
@@ -131,14 +131,14 @@ def test_export_bundle_writes_the_picked_subjects_without_identity(tmp_path, exa
 
 def _study(tmp_path: Path, example_dir: Path, *, corrections_key: bool) -> Path:
     shutil.copyfile(example_dir / "labels.json", tmp_path / "labels.json")
-    good = nib.load(example_dir / "sub-0001_T2w_dseg.nii.gz")
+    good = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz")
     bad = _swapped(np.asarray(good.dataobj))
     (tmp_path / "masks").mkdir()
     for subject in ("sub-0001", "sub-0002"):
-        shutil.copyfile(example_dir / "sub-0001_T2w.nii.gz", tmp_path / f"{subject}_T2w.nii.gz")
+        shutil.copyfile(example_dir / "sub-0001_T1w.nii.gz", tmp_path / f"{subject}_T2w.nii.gz")
     # sub-0001's given mask has erector spinae and multifidus swapped; sub-0002's is right
     nib.save(nib.Nifti1Image(bad, good.affine, good.header), tmp_path / "masks/sub-0001.nii.gz")
-    shutil.copyfile(example_dir / "sub-0001_T2w_dseg.nii.gz", tmp_path / "masks/sub-0002.nii.gz")
+    shutil.copyfile(example_dir / "sub-0001_T1w_dseg.nii.gz", tmp_path / "masks/sub-0002.nii.gz")
     (tmp_path / "fixed").mkdir()
     text = (
         "study: tiny\nimages: '*_T2w.nii.gz'\nlabels: labels.json\n"
@@ -171,7 +171,7 @@ def test_corrected_mask_replaces_the_given_one_for_that_subject_only(tmp_path, e
     _bundle, picked = corrections.export_for_review(study_file, tmp_path / "bundle")
     assert picked == ["sub-0001"]
     fixed = tmp_path / "fixed" / "sub-0001_dseg.nii.gz"
-    shutil.copyfile(example_dir / "sub-0001_T2w_dseg.nii.gz", fixed)
+    shutil.copyfile(example_dir / "sub-0001_T1w_dseg.nii.gz", fixed)
 
     _, paths, seg, out = _run(study_file, "20260102T000000Z-bbbbbb")
     assert seg.set_index("subject")["status"].to_dict() == {
@@ -197,7 +197,7 @@ def test_corrected_mask_replaces_the_given_one_for_that_subject_only(tmp_path, e
 
 def test_invalid_correction_fails_that_subject_naming_the_file(tmp_path, example_dir):
     study_file = _study(tmp_path, example_dir, corrections_key=True)
-    good = nib.load(example_dir / "sub-0001_T2w_dseg.nii.gz")
+    good = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz")
     data = np.asarray(good.dataobj).copy()
     data[0, 0, 0] = 42  # a value the label file does not declare
     nib.save(nib.Nifti1Image(data, good.affine, good.header), tmp_path / "fixed/sub-0001.nii.gz")

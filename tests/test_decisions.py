@@ -104,8 +104,8 @@ def test_pipeline_rederives_the_decision_when_a_fixed_mask_replaces_a_bad_one(
     from helpers import pipeline
 
     shutil.copyfile(example_dir / "labels.json", tmp_path / "labels.json")
-    shutil.copyfile(example_dir / "sub-0001_T2w.nii.gz", tmp_path / "sub-0001_T2w.nii.gz")
-    good = nib.load(example_dir / "sub-0001_T2w_dseg.nii.gz")
+    shutil.copyfile(example_dir / "sub-0001_T1w.nii.gz", tmp_path / "sub-0001_T2w.nii.gz")
+    good = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz")
     data = np.asarray(good.dataobj)
     swapped = data.copy()
     for a, b in ((1, 3), (2, 4)):  # multifidus <-> erector spinae
@@ -130,7 +130,7 @@ def test_pipeline_rederives_the_decision_when_a_fixed_mask_replaces_a_bad_one(
     assert first.loc["sub-0001", "decision"] == "exclude"
     assert "multifidus and erector spinae swapped" in first.loc["sub-0001", "reason"]
     # the reviewer's fix: the correct mask replaces the bad one
-    shutil.copyfile(example_dir / "sub-0001_T2w_dseg.nii.gz", mask_path)
+    shutil.copyfile(example_dir / "sub-0001_T1w_dseg.nii.gz", mask_path)
     second = run_qc_stage()
     assert second.loc["sub-0001", "decision"] == "include"
     assert second.loc["sub-0001", "inputs"] != first.loc["sub-0001", "inputs"]
