@@ -86,6 +86,7 @@ TISSUES: dict[str, int] = {
     "subcutaneous_fat": 9, "other_fat": 10, "skin": 11, "other_muscle": 12, "bowel": 13,
     "cortical_bone": 14, "marrow": 15, "csf": 16, "nerve_root": 17,
     "organ_dark": 18, "organ_mid": 19, "organ_bright": 20,
+    "kidney": 21, "liver": 22, "spleen": 23,
 }
 _N_CLASSES = max(TISSUES.values()) + 1
 _MUSCLES = tuple(range(1, 9))
@@ -216,8 +217,11 @@ def _body_params(rng: np.random.Generator) -> dict[str, float]:
 
 
 def _with_body(muscles: NDArray, spacing: tuple[float, float, float],
-               rng: np.random.Generator) -> NDArray[np.uint8]:
-    """Muscle labels (L-P-S, values 1-8) inside a procedurally built body (:data:`TISSUES`)."""
+               rng: np.random.Generator, organs: bool = False) -> NDArray[np.uint8]:
+    """Muscle labels (L-P-S, values 1-8) inside a procedurally built body (:data:`TISSUES`).
+
+    With ``organs``, solid organs of the upper lumbar levels are added (:func:`_add_organs`).
+    """
     from helpers.synthetic import _build_body
 
     nx, ny, _ = muscles.shape
@@ -226,11 +230,70 @@ def _with_body(muscles: NDArray, spacing: tuple[float, float, float],
             "spacing": spacing, "cu": nx * sx / 2, "cv": ny * sy / 2}
     classes = muscles.astype(np.uint8).copy()
     _build_body(muscles, grid, rng, _body_params(rng), classes=classes)
+    if organs:
+        _add_organs(classes, spacing, rng)
     return classes
 
 
+def _ellipse(shape: tuple[int, int], spacing: tuple[float, ...], centre: tuple[float, float],
+             axes: tuple[float, float], angle: float) -> NDArray[np.bool_]:
+    """In-plane ellipse (centre and semi-axes in mm from the array origin, angle in radians)."""
+    u = (np.arange(shape[0]) + 0.5)[:, None] * spacing[0] - centre[0]
+    v = (np.arange(shape[1]) + 0.5)[None, :] * spacing[1] - centre[1]
+    c, s = np.cos(angle), np.sin(angle)
+    return ((c * u + s * v) / axes[0]) ** 2 + ((-s * u + c * v) / axes[1]) ** 2 <= 1.0
+
+
+def _add_organs(classes: NDArray[np.uint8], spacing: tuple[float, float, float],
+                rng: np.random.Generator) -> None:
+    """Kidneys (with perirenal fat), liver and spleen on the upper slices, in place.
+
+    Each kidney lies lateral to its psoas and anterior to its quadratus lumborum (Gray's
+    Anatomy: the kidneys span about T12-L3 beside the psoas, on the quadratus lumborum);
+    the liver (patient's right) and the spleen (left) lie anterolateral on the highest slices.
+    They are painted over bowel and deep fat only, never over muscle, bone or skin.
+    """
+    nx, ny, nz = classes.shape
+    t = TISSUES
+    paintable = (t["bowel"], t["other_fat"])
+    # slab fraction (from the top) that reaches kidney level: lumbar slabs end at various levels
+    top = float(rng.uniform(0.0, 0.7))
+    first = int(nz * (1 - top))
+    for k in range(first, nz):
+        sl = classes[:, :, k]
+        for psoas, ql, lateral in ((5, 7, -1.0), (6, 8, 1.0)):  # right: toward -u, left: +u
+            pi, pj = np.nonzero(sl == psoas)
+            if pi.size < 10:
+                continue
+            qi, qj = np.nonzero(sl == ql)
+            pu, pv = (pi.mean() + 0.5) * spacing[0], (pj.mean() + 0.5) * spacing[1]
+            qv = (qj.mean() + 0.5) * spacing[1] if qi.size else pv + 10.0
+            cu = pu + lateral * rng.uniform(35, 60)
+            cv = min(pv, qv) - rng.uniform(5, 25)  # anterior (smaller v)
+            axes = (rng.uniform(22, 32), rng.uniform(18, 28))
+            kid = _ellipse((nx, ny), spacing, (cu, cv), axes, rng.uniform(-0.6, 0.6))
+            fat = _ellipse((nx, ny), spacing, (cu, cv), (axes[0] + 6, axes[1] + 6), 0.0)
+            free = np.isin(sl, paintable)
+            sl[fat & free & ~kid] = t["other_fat"]
+            sl[kid & free] = t["kidney"]
+        if k >= nz - max(1, int(nz * top * 0.6)):
+            body = np.nonzero(sl > 0)
+            if body[0].size == 0:
+                continue
+            u0, u1 = body[0].min() * spacing[0], body[0].max() * spacing[0]
+            v0 = body[1].min() * spacing[1]
+            width = u1 - u0
+            liver = _ellipse((nx, ny), spacing, (u0 + 0.27 * width, v0 + rng.uniform(60, 100)),
+                             (rng.uniform(55, 85), rng.uniform(45, 70)), rng.uniform(-0.4, 0.4))
+            spleen = _ellipse((nx, ny), spacing, (u1 - 0.18 * width, v0 + rng.uniform(110, 150)),
+                              (rng.uniform(20, 35), rng.uniform(30, 45)), rng.uniform(-0.5, 0.5))
+            free = np.isin(sl, paintable)
+            sl[liver & free] = t["liver"]
+            sl[spleen & free] = t["spleen"]
+
+
 def phantom_labelmap(seed: int, fov_mm: float = 460.0, spacing_mm: float = 1.5,
-                     n_slices: int = 16) -> LabelMap:
+                     n_slices: int = 16, organs: bool = False) -> LabelMap:
     """A :func:`helpers.synthetic.make_phantom` anatomy in a random body, air around it.
 
     Parameters
@@ -243,6 +306,8 @@ def phantom_labelmap(seed: int, fov_mm: float = 460.0, spacing_mm: float = 1.5,
         In-plane voxel size (mm).
     n_slices : int
         Slices over the example's 88 mm (thickness 88 / n_slices mm).
+    organs : bool
+        Add kidneys, liver and spleen on the upper slices (:func:`_add_organs`).
     """
     from helpers.synthetic import LABELS, Template, make_phantom
 
@@ -261,7 +326,7 @@ def phantom_labelmap(seed: int, fov_mm: float = 460.0, spacing_mm: float = 1.5,
                       **kw)
     muscles = np.asarray(ph.mask.dataobj).astype(np.uint8)
     spacing = (fov_mm / n, fov_mm / n, 88.0 / n_slices)
-    return LabelMap("phantom", _with_body(muscles, spacing, rng), spacing)
+    return LabelMap("phantom", _with_body(muscles, spacing, rng, organs), spacing)
 
 
 @functools.lru_cache(maxsize=1)
@@ -275,7 +340,8 @@ def _template_muscles() -> tuple[NDArray[np.uint8], tuple[float, float, float]]:
     return np.asarray(img.dataobj).astype(np.uint8), spacing  # type: ignore[return-value]
 
 
-def template_labelmap(seed: int, fov_mm: float = 460.0, spacing_mm: float = 1.5) -> LabelMap:
+def template_labelmap(seed: int, fov_mm: float = 460.0, spacing_mm: float = 1.5,
+                      organs: bool = False) -> LabelMap:
     """The MuscleMap template's muscles (a random 50-110 mm run of slices) in a random body.
 
     Parameters
@@ -286,6 +352,8 @@ def template_labelmap(seed: int, fov_mm: float = 460.0, spacing_mm: float = 1.5)
         Square in-plane field of view (mm), centred on the muscles.
     spacing_mm : float
         In-plane voxel size (mm) of the label map (nearest-neighbour from the shipped 1 mm).
+    organs : bool
+        Add kidneys, liver and spleen on the upper slices (:func:`_add_organs`).
     """
     rng = np.random.default_rng(seed)
     muscles, spacing = _template_muscles()
@@ -308,7 +376,7 @@ def template_labelmap(seed: int, fov_mm: float = 460.0, spacing_mm: float = 1.5)
     canvas[max(oi, 0):oi + slab.shape[0], max(oj, 0):oj + slab.shape[1]] = slab[
         max(-oi, 0):nx - oi, max(-oj, 0):ny - oj]
     del nz
-    return LabelMap("template", _with_body(canvas, spacing, rng), spacing)
+    return LabelMap("template", _with_body(canvas, spacing, rng, organs), spacing)
 
 
 def derive_example_labelmap(image: NDArray, mask: NDArray, spacing: tuple[float, float, float]
@@ -380,7 +448,7 @@ def _intensities(rng: np.random.Generator, spec: RenderSpec) -> NDArray[np.float
     mu[t["other_fat"]] = u(0.8, 1.0)
     if spec.contrast == "dixon_sum":  # water + fat: every tissue near its proton density
         for name in ("skin", "bowel", "marrow", "csf", "nerve_root", "organ_dark", "organ_mid",
-                     "organ_bright"):
+                     "organ_bright", "kidney", "liver", "spleen"):
             mu[t[name]] = u(0.45, 0.95)
         mu[t["other_muscle"]] = m * u(0.9, 1.1)
         mu[t["cortical_bone"]] = u(0.0, 0.1)
@@ -396,6 +464,10 @@ def _intensities(rng: np.random.Generator, spec: RenderSpec) -> NDArray[np.float
     mu[t["organ_dark"]] = dark
     mu[t["organ_mid"]] = u(dark, 0.8)
     mu[t["organ_bright"]] = u(mu[t["organ_mid"]], 0.95)
+    # solid organs: anywhere from muscle-dark to bright, often close to muscle on T1
+    mu[t["kidney"]] = u(0.03, 0.9)
+    mu[t["liver"]] = u(0.05, 0.8)
+    mu[t["spleen"]] = u(0.03, 0.8)
     return mu
 
 
@@ -540,15 +612,16 @@ def unsided_mask(mask: NDArray) -> NDArray[np.uint8]:
     return _UNSIDED[np.asarray(mask)]
 
 
-def make_case(kind: str, seed: int, spec: RenderSpec = TRAIN_SPEC
+def make_case(kind: str, seed: int, spec: RenderSpec = TRAIN_SPEC, organs: bool = False
               ) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict[str, Any]]:
-    """One rendered case from a fresh label map of ``kind`` (phantom / template / example)."""
+    """One rendered case from a fresh label map of ``kind`` (phantom / template / example);
+    ``organs`` adds kidneys, liver and spleen to the procedural bodies."""
     rng = np.random.default_rng(seed)
     lm_seed = int(rng.integers(0, 2**31))
     if kind == "phantom":
-        lm = phantom_labelmap(lm_seed, n_slices=int(rng.integers(12, 22)))
+        lm = phantom_labelmap(lm_seed, n_slices=int(rng.integers(12, 22)), organs=organs)
     elif kind == "template":
-        lm = template_labelmap(lm_seed)
+        lm = template_labelmap(lm_seed, organs=organs)
     elif kind == "example":
         lm = example_labelmap()
     else:
@@ -556,6 +629,7 @@ def make_case(kind: str, seed: int, spec: RenderSpec = TRAIN_SPEC
         raise ConfigError(msg)
     img, msk, params = render(lm, int(rng.integers(0, 2**31)), spec)
     params["labelmap_seed"] = lm_seed
+    params["organs"] = bool(organs)
     return img, msk, params
 
 
@@ -568,6 +642,7 @@ class CaseJob:
     seed: int
     out_dir: str
     spec: RenderSpec = field(default_factory=RenderSpec)
+    organs: bool = False
 
 
 def write_case(job: CaseJob) -> dict[str, Any]:
@@ -583,7 +658,7 @@ def write_case(job: CaseJob) -> dict[str, Any]:
     img_path, msk_path = out / f"{job.case_id}_T1w.nii.gz", out / f"{job.case_id}_dseg.nii.gz"
     meta = out / f"{job.case_id}.json"
     if not meta.is_file():
-        img, msk, params = make_case(job.kind, job.seed, job.spec)
+        img, msk, params = make_case(job.kind, job.seed, job.spec, job.organs)
         save_like(np.asarray(img.dataobj, dtype=np.float32), img, img_path)
         save_like(unsided_mask(np.asarray(msk.dataobj)), img, msk_path)
         params.update({"case": job.case_id, "kind": job.kind, "spec": asdict(job.spec)})

@@ -81,12 +81,12 @@ def _run(fn, jobs: list, workers: int) -> list:
     return [fn(j) for j in jobs]
 
 
-def make_cases(folder: Path, counts: dict[str, int], seed: int, workers: int
-               ) -> tuple[list[TrainingCase], list[dict]]:
+def make_cases(folder: Path, counts: dict[str, int], seed: int, workers: int,
+               organs: bool = False) -> tuple[list[TrainingCase], list[dict]]:
     """Write (or reuse) the training cases; return them and their parameter rows."""
     folder.mkdir(parents=True, exist_ok=True)
     synth = [CaseJob(f"trn-{kind[:2]}{k:03d}", kind, seed * 100000 + 1000 * i + k, str(folder),
-                     TRAIN_SPEC)
+                     TRAIN_SPEC, organs)
              for i, kind in enumerate(("phantom", "template", "example"))
              for k in range(counts.get(kind, 0))]
     real = [(f"trn-re{k:03d}", seed * 100000 + 5000 + k, str(folder))
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--fresh", action="store_true", help="delete --work first (no resume)")
     p.add_argument("--cases-only", action="store_true", help="make the training cases and stop")
+    p.add_argument("--organs", action="store_true",
+                   help="procedural bodies with kidneys, liver and spleen on the upper slices")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         counts.update({"phantom": 0, "example": 0, "real": 0})
         counts["template"] = args.n_template + args.n_phantom + args.n_example + args.n_real
     t = time.perf_counter()
-    cases, _rows = make_cases(args.work / "cases", counts, args.seed, min(2, os.cpu_count() or 1))
+    cases, _rows = make_cases(args.work / "cases", counts, args.seed, min(2, os.cpu_count() or 1),
+                              args.organs)
     stages["make_cases"] = time.perf_counter() - t
     log.info("%d training cases ready in %.0f s (%s)", len(cases), stages["make_cases"], counts)
     if args.cases_only:
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     note = (f"helpers.synthseg cases: {counts['phantom']} phantom, {counts['template']} MuscleMap "
             f"template, {counts['example']} real-example label maps; {counts['real']} deformed "
-            f"copies of the real example image (leave out: {args.leave_out})")
+            f"copies of the real example image (leave out: {args.leave_out}; organs: "
+            f"{args.organs})")
     out_zip = args.work / MODEL_NAME
     t = time.perf_counter()
     result = train_model(cases, labels_path, args.work / "nnunet", out_zip, settings,
@@ -183,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(final.with_name(final.name + ".sha256"), f"{digest}  {final.name}\n")
     record = {
         "model": final.name, "sha256": digest, "leave_out": args.leave_out, "counts": counts,
+        "organs": args.organs,
         "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
         "wall_seconds": round(wall_all, 1), "cpu_seconds": round(cpu, 1),
         "wall_seconds_last_run": round(wall, 1), "runs": ledger,
