@@ -142,3 +142,24 @@ def test_write_case_writes_once(tmp_path) -> None:
     mtime = (tmp_path / "c-01_T1w.nii.gz").stat().st_mtime_ns
     assert write_case(job) == row
     assert (tmp_path / "c-01_T1w.nii.gz").stat().st_mtime_ns == mtime
+
+
+def test_organs_lie_beside_psoas_and_never_replace_muscle() -> None:
+    plain = phantom_labelmap(7, fov_mm=420.0, spacing_mm=2.0, n_slices=8)
+    lm = phantom_labelmap(7, fov_mm=420.0, spacing_mm=2.0, n_slices=8, organs=True)
+    c = lm.classes
+    # muscles untouched
+    np.testing.assert_array_equal(np.where(c <= 8, c, 0), np.where(plain.classes <= 8,
+                                                                   plain.classes, 0))
+    kidney = c == TISSUES["kidney"]
+    assert kidney.any()
+    img = nib.Nifti1Image(c, lm.affine())
+    x_kid_right = _world_x(img, np.where(kidney & (np.arange(c.shape[0])[:, None, None]
+                                                   < c.shape[0] / 2), 1, 0), 1)
+    x_kid_left = _world_x(img, np.where(kidney & (np.arange(c.shape[0])[:, None, None]
+                                                  >= c.shape[0] / 2), 1, 0), 1)
+    # each kidney lateral to its psoas (right: larger world x; left: smaller)
+    assert x_kid_right > _world_x(img, c, 5)
+    assert x_kid_left < _world_x(img, c, 6)
+    # without organs nothing is drawn, and the same seed gives the same anatomy otherwise
+    assert not np.isin(plain.classes, [TISSUES[k] for k in ("kidney", "liver", "spleen")]).any()
