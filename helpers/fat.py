@@ -1183,6 +1183,8 @@ def tissue_intensities(
     noise_sd: float = 0.0,
     path: str | Path | None = None,
     min_band_voxels: int = 200,
+    min_fat_to_bright: float = _FS_MIN_FAT_TO_BRIGHT,
+    min_shell_to_bright: float = _FS_MIN_SHELL_TO_BRIGHT,
 ) -> TissueIntensities:
     """Find the fat and lean-muscle reference intensities of one subject.
 
@@ -1208,6 +1210,11 @@ def tissue_intensities(
         Image file, named in errors.
     min_band_voxels : int
         Fewer subcutaneous voxels than this: fall back to the body histogram.
+    min_fat_to_bright, min_shell_to_bright : float
+        Fat-suppression bars (see Notes): the subcutaneous fat's and the perimuscular shell's
+        median as a share of the body's bright tissue level.  Measurement uses the defaults;
+        the check after segmentation (:meth:`helpers.segment.Segmenter.predict`) a lower bar,
+        since a Dixon water + fat image is segmented too.
 
     Raises
     ------
@@ -1278,6 +1285,7 @@ def tissue_intensities(
         fat_to_bright = _check_fat_is_bright(
             arr, body, band if source == "subcutaneous_band" else None, affine,
             shell_median if has_shell else None, where,
+            min_fat=min_fat_to_bright, min_shell=min_shell_to_bright,
         )
     except InputFileError:
         refuse_mask_off_muscle(arr, muscle, affine, body, where, band_median)
@@ -1381,6 +1389,8 @@ def _check_fat_is_bright(
     affine: NDArray[np.float64],
     shell_median: float | None,
     where: Path,
+    min_fat: float = _FS_MIN_FAT_TO_BRIGHT,
+    min_shell: float = _FS_MIN_SHELL_TO_BRIGHT,
 ) -> float:
     """Refuse a fat-suppressed image whose fat is not among the brightest tissues.
 
@@ -1411,12 +1421,12 @@ def _check_fat_is_bright(
             core = np.asarray(band, dtype=bool)
         fat_level = float(np.median(image[core]))
         ratio = fat_level / bright
-        if ratio < _FS_MIN_FAT_TO_BRIGHT:
-            refuse("subcutaneous fat, skin rim left out,", fat_level, ratio, _FS_MIN_FAT_TO_BRIGHT)
+        if ratio < min_fat:
+            refuse("subcutaneous fat, skin rim left out,", fat_level, ratio, min_fat)
     if shell_median is not None:
         shell_ratio = shell_median / bright
-        if shell_ratio < _FS_MIN_SHELL_TO_BRIGHT:
-            refuse("fat behind the muscles", shell_median, shell_ratio, _FS_MIN_SHELL_TO_BRIGHT)
+        if shell_ratio < min_shell:
+            refuse("fat behind the muscles", shell_median, shell_ratio, min_shell)
         if not np.isfinite(ratio):
             ratio = shell_ratio
     return float(ratio)

@@ -1431,11 +1431,17 @@ def _segment_with_model(
         _stage_input(paths, s.subject, _segmentation_input(study, paths, s)): s.subject
         for s in subjects
     }
+    settings = study.segment_settings()
+    if (study.dixon or {}).get("segment_on") in ("water", "fat"):
+        import dataclasses
+
+        # a water or fat image is not fat-bright: only a model trained on it segments it
+        settings = dataclasses.replace(settings, fat_bright=False)
     result = segment_cohort(
         list(staged),
         study.model,
         paths.seg_dir,
-        study.segment_settings(),
+        settings,
         overwrite=False,
         progress=progress,
     )

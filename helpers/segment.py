@@ -130,9 +130,13 @@ class SegmentSettings:
     configuration : str, optional
         Which trained configuration to use when the model folder holds several.
     check_scan : bool
-        Refuse, before segmentation, a scan the model cannot segment: not axial, fat-suppressed,
+        Refuse, before segmentation, a scan the model cannot segment: not axial or too oblique,
         not a lumbar cross-section (:func:`helpers.scancheck.check_scan`); and, after it, a
         result without any psoas or quadratus lumborum voxel (not the lumbar region).
+    fat_bright : bool
+        With ``check_scan``: the model reads fat-bright images, so refuse a result whose fat
+        around the predicted muscles is not bright (a fat-suppressed or water image), with
+        :data:`SEGMENT_MIN_FAT_TO_BRIGHT`.  Off for a model trained on water images.
     """
 
     device: str = "auto"
@@ -145,6 +149,7 @@ class SegmentSettings:
     split_sides: bool = True
     configuration: str | None = None
     check_scan: bool = True
+    fat_bright: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps"):
@@ -230,6 +235,13 @@ class ModelInfo:
         """True when every label of the model names a side."""
         return self.labels.is_sided()
 
+
+#: Fat-suppression bars of the check after segmentation (see :func:`helpers.fat.tissue_intensities`),
+#: below measurement's 0.6 / 0.3: a Dixon water + fat image, segmented but measured from its
+#: pair, has its fat at 55-60 % of the bright level (rendered cases), a fat-suppressed image
+#: (fat x 0.15) at about 25 % (``tests/test_scancheck.py``).
+SEGMENT_MIN_FAT_TO_BRIGHT = 0.4
+SEGMENT_MIN_SHELL_TO_BRIGHT = 0.2
 
 _DATA = Path(__file__).resolve().parents[1] / "data"
 #: Models shipped in ``data/``, usable by name wherever a model path is asked for.
@@ -714,6 +726,7 @@ class Segmenter:
             "split_sides": self.will_split,
             "configuration": self.model.configuration,
             "check_scan": bool(self.settings.check_scan),
+            "fat_bright": bool(self.settings.fat_bright),
         }
 
     # ------------------------------------------------------------------------------- predict
@@ -782,12 +795,14 @@ class Segmenter:
             msg = ("the model found no psoas major or quadratus lumborum on any slice: not the "
                    "lumbar region, or a scan this model cannot read; no mask written")
             raise InputFileError(Path(image_path), msg)
-        if self.settings.check_scan and lumbar:
+        if self.settings.check_scan and self.settings.fat_bright and lumbar:
             from helpers.fat import tissue_intensities
 
-            # Fat around the predicted muscles must be brighter than they are (fat-bright scan);
-            # raises InputFileError naming the file otherwise.
-            tissue_intensities(volume.data, mask > 0, volume.affine, path=image_path)
+            # Fat around the predicted muscles must be brighter than they are and among the
+            # body's bright tissues; raises InputFileError naming the file otherwise.
+            tissue_intensities(volume.data, mask > 0, volume.affine, path=image_path,
+                               min_fat_to_bright=SEGMENT_MIN_FAT_TO_BRIGHT,
+                               min_shell_to_bright=SEGMENT_MIN_SHELL_TO_BRIGHT)
         if self.will_split:
             mask, labels = _split_sides(mask, volume.affine, labels)
         return np.asarray(mask), volume, labels

@@ -135,12 +135,19 @@ def test_segment_refuses_unsegmentable_scans_and_writes_no_mask(example, tmp_pat
              images / "fs-01_T2w.nii.gz")
     sag = np.array([[0, 0, 4.4, 0], [0.9375, 0, 0, 0], [0, 0.9375, 0, 0], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(example.data, sag), images / "sag-01_T2w.nii.gz")
+    # a Dixon water + fat sum is segmented (fat not the brightest tissue, but bright)
+    from helpers.synthetic_dixon import make_dixon_phantom
+
+    dp = make_dixon_phantom("dx-01", seed=2)
+    dixon_sum = (np.asarray(dp.water.dataobj, dtype=np.float32)
+                 + np.asarray(dp.fat.dataobj, dtype=np.float32))
+    nib.save(nib.Nifti1Image(dixon_sum, dp.water.affine), images / "dx-01_T2w.nii.gz")
     settings = SegmentSettings(device="cpu", fast=True, num_threads=1)
     out = tmp_path / "masks"
     table = segment_cohort(sorted(images.iterdir()), demo, out, settings, progress=False)
     status = dict(zip(table["subject"], table["status"], strict=True))
     errors = dict(zip(table["subject"], table["error"], strict=True))
-    assert status == {"fs-01": "failed", "ok-01": "done", "sag-01": "failed"}
+    assert status == {"dx-01": "done", "fs-01": "failed", "ok-01": "done", "sag-01": "failed"}
     assert "fs-01_T2w.nii.gz" in errors["fs-01"]
     assert "fat-suppressed" in errors["fs-01"]
     assert "sagittal stack" in errors["sag-01"]
