@@ -1185,6 +1185,7 @@ def tissue_intensities(
     min_band_voxels: int = 200,
     min_fat_to_bright: float = _FS_MIN_FAT_TO_BRIGHT,
     min_shell_to_bright: float = _FS_MIN_SHELL_TO_BRIGHT,
+    min_fat_to_muscle: float = 1.5,
 ) -> TissueIntensities:
     """Find the fat and lean-muscle reference intensities of one subject.
 
@@ -1215,6 +1216,9 @@ def tissue_intensities(
         median as a share of the body's bright tissue level.  Measurement uses the defaults;
         the check after segmentation (:meth:`helpers.segment.Segmenter.predict`) a lower bar,
         since a Dixon water + fat image is segmented too.
+    min_fat_to_muscle : float
+        Fat's mode over lean muscle's below which fat cannot be classified (measurement: 1.5;
+        the check after segmentation only asks fat to be brighter, 1.0).
 
     Raises
     ------
@@ -1290,10 +1294,11 @@ def tissue_intensities(
     except InputFileError:
         refuse_mask_off_muscle(arr, muscle, affine, body, where, band_median)
         raise
-    if fat_mode < 1.5 * lean_mode:
+    if fat_mode < min_fat_to_muscle * lean_mode:
         msg = (
             f"too little fat/muscle contrast to classify fat (subcutaneous fat {fat_mode:.4g} vs "
-            f"lean muscle {lean_mode:.4g}; expected fat at least 1.5 x brighter on T2)"
+            f"lean muscle {lean_mode:.4g}; expected fat at least {min_fat_to_muscle:g} x "
+            "brighter on T2)"
         )
         raise InputFileError(where, msg)
     sd = float(noise_sd) if noise_sd and np.isfinite(noise_sd) else 0.0

@@ -802,7 +802,8 @@ class Segmenter:
             # body's bright tissues; raises InputFileError naming the file otherwise.
             tissue_intensities(volume.data, mask > 0, volume.affine, path=image_path,
                                min_fat_to_bright=SEGMENT_MIN_FAT_TO_BRIGHT,
-                               min_shell_to_bright=SEGMENT_MIN_SHELL_TO_BRIGHT)
+                               min_shell_to_bright=SEGMENT_MIN_SHELL_TO_BRIGHT,
+                               min_fat_to_muscle=1.0)
         if self.will_split:
             mask, labels = _split_sides(mask, volume.affine, labels)
         return np.asarray(mask), volume, labels
