@@ -41,6 +41,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from helpers.errors import InputFileError
 from helpers.files import atomic_write_text
 from helpers.labels import load_labels
 from helpers.nifti import save_like, subject_from_filename
@@ -152,14 +153,18 @@ def speed(model: Path, work: Path) -> dict:
         nib.save(nib.Nifti1Image(data, img.affine), path)
         paths.append(path)
     seg = Segmenter(load_model(model), SegmentSettings(device="cpu", fast=True, num_threads=2))
-    times = []
+    times, refused = [], []
     for path in paths:
         t = time.perf_counter()
-        seg.predict(path)
+        try:
+            seg.predict(path)
+        except InputFileError as exc:  # timed all the same: the user waited for it
+            refused.append(str(exc))
         times.append(time.perf_counter() - t)
     shape = list(nib.load(paths[1]).shape)
     return {"shape": shape, "spacing_mm": [1.0, 1.0, 4.0], "threads": 2,
-            "seconds_first": round(times[0], 2), "seconds": round(times[1], 2)}
+            "seconds_first": round(times[0], 2), "seconds": round(times[1], 2),
+            "refused": refused}
 
 
 def _summary(df: pd.DataFrame) -> dict:
