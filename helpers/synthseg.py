@@ -363,7 +363,6 @@ def template_labelmap(seed: int, fov_mm: float = 460.0, spacing_mm: float = 1.5,
                            mode="nearest")
         spacing = (spacing_mm, spacing_mm, spacing[2])
     sx, sy, sz = spacing
-    nz = muscles.shape[2]
     present = np.flatnonzero(muscles.any(axis=(0, 1)))
     run = int(min(len(present), max(4, round(rng.uniform(50, 110) / sz))))
     z0 = int(rng.integers(present[0], present[-1] - run + 2))
@@ -375,7 +374,6 @@ def template_labelmap(seed: int, fov_mm: float = 460.0, spacing_mm: float = 1.5,
     oi, oj = nx // 2 - ci, ny // 2 - cj
     canvas[max(oi, 0):oi + slab.shape[0], max(oj, 0):oj + slab.shape[1]] = slab[
         max(-oi, 0):nx - oi, max(-oj, 0):ny - oj]
-    del nz
     return LabelMap("template", _with_body(canvas, spacing, rng, organs), spacing)
 
 
