@@ -236,10 +236,10 @@ class ModelInfo:
         return self.labels.is_sided()
 
 
-#: Fat-suppression bars of the check after segmentation (see :func:`helpers.fat.tissue_intensities`),
-#: below measurement's 0.6 / 0.3: a Dixon water + fat image, segmented but measured from its
-#: pair, has its fat at 55-60 % of the bright level (rendered cases), a fat-suppressed image
-#: (fat x 0.15) at about 25 % (``tests/test_scancheck.py``).
+#: Fat-suppression bars of the check after segmentation (:func:`helpers.fat.tissue_intensities`),
+#: below measurement's 0.6 / 0.3, because a Dixon water + fat sum is segmented too (measured from
+#: its pair): the Dixon phantom's sum passes, a phantom with its fat x 0.15 (23 % of the bright
+#: level) is refused (``tests/test_scancheck.py``).
 SEGMENT_MIN_FAT_TO_BRIGHT = 0.4
 SEGMENT_MIN_SHELL_TO_BRIGHT = 0.2
 
