@@ -16,8 +16,10 @@ from the image and its affine alone (no mask is needed):
 
 Two more reasons need the muscles, so they are checked right after the network ran and before
 any mask is written (:meth:`helpers.segment.Segmenter.predict`): a fat-suppressed image (the fat
-around the predicted muscles no brighter than they are, or not among the body's brightest
-tissues: :func:`helpers.fat.tissue_intensities`, calibrated in ``tests/test_fat.py``), and a scan
+around the predicted muscles no brighter than they are, or not among the body's bright
+tissues: :func:`helpers.fat.tissue_intensities` with the lower bars of
+:data:`helpers.segment.SEGMENT_MIN_FAT_TO_BRIGHT`, so that a Dixon water + fat sum passes), and
+a scan
 of another region (no psoas and no quadratus lumborum on any slice: they exist only in the
 lumbar region).
 
