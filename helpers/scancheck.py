@@ -19,9 +19,8 @@ any mask is written (:meth:`helpers.segment.Segmenter.predict`): a fat-suppresse
 around the predicted muscles no brighter than they are, or not among the body's bright
 tissues: :func:`helpers.fat.tissue_intensities` with the lower bars of
 :data:`helpers.segment.SEGMENT_MIN_FAT_TO_BRIGHT`, so that a Dixon water + fat sum passes), and
-a scan
-of another region (no psoas and no quadratus lumborum on any slice: they exist only in the
-lumbar region).
+a scan of another region (no psoas and no quadratus lumborum on any slice: they exist only in
+the lumbar region).
 
 The thresholds are in :class:`ScanCheckSettings`; each check can be switched off.
 """
