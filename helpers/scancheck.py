@@ -117,18 +117,12 @@ def stack_plane(affine: NDArray) -> tuple[str, float]:
     return plane, round(tilt, 3)
 
 
-def _slice_axis(affine: NDArray) -> int:
-    m = np.asarray(affine, dtype=float)[:3, :3]
-    return int(np.argmax(np.abs(m[2]) / np.sqrt((m ** 2).sum(axis=0))))
-
-
 def scan_findings(volume: Volume, settings: ScanCheckSettings | None = None) -> ScanFindings:
     """Measure what :func:`check_scan` judges (see the module docstring)."""
     settings = settings or ScanCheckSettings()
-    plane, tilt = stack_plane(volume.affine)
-    data = np.asarray(volume.data, dtype=np.float32)
-    k_ax = _slice_axis(volume.affine)
-    data = np.moveaxis(data, k_ax, 2)
+    k_ax, tilt, plane = stack_orientation(volume.affine)
+    tilt = round(tilt, 3)
+    data = np.moveaxis(np.asarray(volume.data, dtype=np.float32), k_ax, 2)
     zooms = list(volume.zooms_mm)
     sp = [z for i, z in enumerate(zooms) if i != k_ax]
     finite = data[np.isfinite(data)]
