@@ -456,7 +456,7 @@ def test_prepared_stamp_follows_cases_and_settings(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    """Train 2 epochs, lose the final checkpoint (as if killed after epoch 2), resume to 3:
+    """Train 2 epochs, keep only the latest checkpoint (as if killed after epoch 2), resume to 3:
     the raw and preprocessed data are reused and training restarts at epoch 2, not 0."""
     from helpers.training import train_model
 
@@ -470,8 +470,10 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, monkeypatch)
           "reader": "NibabelIOWithReorient", "resume": True, "save_every": 1}
     first = train_model(cases, labels, tmp_path / "work", tmp_path / "m.zip",
                         TrainSettings(epochs=2, **kw))
-    fold = first.trainer_dir / "fold_0"
-    (fold / "checkpoint_final.pth").unlink()
+    fold = first.model_folder / "fold_0"
+    # killed after epoch 2's checkpoint: nnU-Net removes checkpoint_latest at a normal end, so
+    # the final checkpoint (the state after epoch 2) stands in for it
+    (fold / "checkpoint_final.pth").rename(fold / "checkpoint_latest.pth")
     second = train_model(cases, labels, tmp_path / "work", tmp_path / "m.zip",
                          TrainSettings(epochs=3, **kw))
     assert second.stage_seconds["convert"] == 0.0
