@@ -172,16 +172,8 @@ class DixonSettings:
         """
         if mapping is None:
             return cls()
-        if not isinstance(mapping, Mapping):
-            msg = f"dixon: expected a mapping of settings, got {type(mapping).__name__}"
-            raise ConfigError(msg)
-        known = [f.name for f in fields(cls)]
-        for key in mapping:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                msg = f"dixon.{key}: unknown Dixon setting; known: {', '.join(known)}{hint}"
-                raise ConfigError(msg)
+        metrics.check_setting_keys(mapping, [f.name for f in fields(cls)], section="dixon",
+                                   what="Dixon setting", key_prefix="dixon.")
         return cls(**dict(mapping))
 
     def to_dict(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,28 @@ def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
         msg = f"{key}: {value!r} is not one of {', '.join(allowed)}{hint}"
         raise ConfigError(msg)
     return value
+
+
+
+def check_setting_keys(mapping: object, known: Sequence[str], *, section: str, what: str,
+                       key_prefix: str) -> None:
+    """Refuse a settings section that is not a mapping or holds an unknown key.
+
+    Raises
+    ------
+    ConfigError
+        ``<section>: expected a mapping ...``, or ``<key_prefix><key>: unknown <what>; known:
+        ... (did you mean ...?)``.
+    """
+    if not isinstance(mapping, Mapping):
+        msg = f"{section}: expected a mapping of settings, got {type(mapping).__name__}"
+        raise ConfigError(msg)
+    for key in mapping:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            msg = f"{key_prefix}{key}: unknown {what}; known: {', '.join(known)}{hint}"
+            raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -292,16 +314,8 @@ class MetricsSettings:
         """
         if mapping is None:
             return cls()
-        if not isinstance(mapping, Mapping):
-            msg = f"metrics: expected a mapping of settings, got {type(mapping).__name__}"
-            raise ConfigError(msg)
-        known = [f.name for f in fields(cls)]
-        for key in mapping:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                msg = f"{key}: unknown metrics setting; known: {', '.join(known)}{hint}"
-                raise ConfigError(msg)
+        check_setting_keys(mapping, [f.name for f in fields(cls)], section="metrics",
+                           what="metrics setting", key_prefix="")
         return cls(**dict(mapping))
 
     def to_dict(self) -> dict[str, Any]:
