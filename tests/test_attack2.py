@@ -862,7 +862,10 @@ def test_sigterm_and_ctrl_c_end_with_one_line_and_exit_143_130(tmp_path, sig, co
     import sys
 
     script = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        # as at a terminal: a test run started in the background (nohup, make &) passes SIGINT
+        # on ignored, and Python then installs no Ctrl-C handler in the child
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import helpers.cli as cli\n"
         "def slow(args):\n"
         "    print('started', flush=True)\n"
