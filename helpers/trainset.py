@@ -247,19 +247,37 @@ def phantom(case_id: str, seed: int) -> tuple[nib.Nifti1Image, nib.Nifti1Image, 
     return ph.image, ph.mask, params
 
 
+def write_pair(img: nib.Nifti1Image, data: NDArray, out: Path, case_id: str,
+               suffix: str) -> None:
+    """Write one training pair: ``<case>_<suffix>.nii.gz`` (float32) and ``<case>_dseg.nii.gz``."""
+    save_like(np.asarray(img.dataobj).astype(np.float32), img, out / f"{case_id}_{suffix}.nii.gz")
+    save_like(np.asarray(data).astype(np.uint8), img, out / f"{case_id}_dseg.nii.gz")
+
+
+def write_example_case(case_id: str, seed: int, out: Path, suffix: str,
+                       merge_sides: bool = True) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """Write one deformed copy of the real example; return its shape and parameters."""
+    img, msk, params = deformed_example(case_id, seed, _cached_example())
+    _write_case(img, msk, out, case_id, suffix, merge_sides)
+    return img.shape, params
+
+
+def _write_case(img: nib.Nifti1Image, msk: nib.Nifti1Image, out: Path, case_id: str,
+                suffix: str, merge_sides: bool) -> None:
+    data = np.asarray(msk.dataobj)
+    if merge_sides:
+        data, _ = unsided(data, _cached_example().labels)
+    write_pair(img, data, out, case_id, suffix)
+
+
 def _make_case(job: tuple[str, int, str, str, bool]) -> dict[str, Any]:
     """Make and write one case (module level: runs in worker processes too)."""
     case_id, case_seed, kind, out_dir, merge_sides = job
-    out = Path(out_dir)
     if kind == "ex":
         img, msk, params = deformed_example(case_id, case_seed, _cached_example())
     else:
         img, msk, params = phantom(case_id, case_seed)
-    data = np.asarray(msk.dataobj)
-    if merge_sides:
-        data, _ = unsided(data, _cached_example().labels)
-    save_like(np.asarray(img.dataobj).astype(np.float32), img, out / f"{case_id}_T2w.nii.gz")
-    save_like(data.astype(np.uint8), img, out / f"{case_id}_dseg.nii.gz")
+    _write_case(img, msk, Path(out_dir), case_id, "T2w", merge_sides)
     log.debug("made %s", case_id)
     return {"case": case_id, "kind": params["kind"], "seed": case_seed,
             "orientation": params["orientation"], "shape": list(img.shape),

@@ -31,13 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from helpers.files import atomic_write_text, sha256_file
-from helpers.nifti import save_like
 from helpers.synthseg import TRAIN_SPEC, CaseJob, write_case
 from helpers.training import SmallNetwork, TrainingCase, TrainSettings, train_model
-from helpers.trainset import deformed_example, unsided
+from helpers.trainset import write_example_case
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("train_starter_model")
@@ -58,13 +55,7 @@ def _real_case(job: tuple[str, int, str]) -> dict:
     out = Path(out_dir)
     meta = out / f"{case_id}.json"
     if not meta.is_file():
-        img, msk, params = deformed_example(case_id, seed)
-        from helpers.labels import load_labels
-
-        labels = load_labels(REPO / "data" / "example" / "labels.json")
-        data, _ = unsided(np.asarray(msk.dataobj), labels)
-        save_like(np.asarray(img.dataobj, dtype=np.float32), img, out / f"{case_id}_T1w.nii.gz")
-        save_like(data.astype(np.uint8), img, out / f"{case_id}_dseg.nii.gz")
+        _, params = write_example_case(case_id, seed, out, "T1w")
         params.update({"case": case_id, "kind": "real"})
         atomic_write_text(meta, json.dumps(params, default=float) + "\n")
     return json.loads(meta.read_text(encoding="utf-8"))
