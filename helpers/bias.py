@@ -82,19 +82,12 @@ def _n4_by_slice(
             img.SetSpacing(plane_zooms)
             mask_img = sitk.GetImageFromArray(np.ascontiguousarray(plane_mask.T.astype(np.uint8)))
             mask_img.SetSpacing(plane_zooms)
-            factors = [
-                max(1, min(f, n // max(int(control_points), 1)))
-                for f, n in zip(_shrink_factors(plane_zooms, shrink_factor), plane.shape, strict=True)
-            ]
-            small = sitk.Shrink(img, factors) if any(f > 1 for f in factors) else img
-            small_mask = sitk.Shrink(mask_img, factors) if any(f > 1 for f in factors) else mask_img
-            n4 = sitk.N4BiasFieldCorrectionImageFilter()
-            n4.SetNumberOfThreads(int(threads))
-            n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
-            n4.SetConvergenceThreshold(float(convergence_threshold))
-            n4.SetNumberOfControlPoints([int(control_points)] * 2)
-            n4.Execute(small, small_mask)
-            field = np.transpose(sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)))
+            factors = _capped(_shrink_factors(plane_zooms, shrink_factor), plane.shape,
+                              control_points)
+            log_field = _fit_log_field(img, mask_img, factors, iterations=iterations,
+                                       convergence_threshold=convergence_threshold,
+                                       control_points=control_points, threads=threads)
+            field = np.transpose(sitk.GetArrayFromImage(log_field))
             index: list[Any] = [slice(None)] * 3
             index[axis] = k
             log_bias[tuple(index)] = field
@@ -103,6 +96,39 @@ def _n4_by_slice(
     log_bias -= float(np.median(log_bias[fit_mask]))
     bias = np.exp(log_bias).astype(np.float32)
     return (arr / bias).astype(np.float32), bias
+
+
+def _capped(factors: Sequence[int], shape: Sequence[int], control_points: int) -> list[int]:
+    """Shrink factors that never shrink an axis below the control-point count (ITK fails on a
+    1-voxel axis)."""
+    return [max(1, min(int(f), int(n) // max(int(control_points), 1)))
+            for f, n in zip(factors, shape, strict=True)]
+
+
+def _fit_log_field(
+    img: Any,
+    mask_img: Any,
+    factors: Sequence[int],
+    *,
+    iterations: Sequence[int],
+    convergence_threshold: float,
+    control_points: int,
+    threads: int,
+) -> Any:
+    """Fit N4 on ``img`` shrunk by ``factors`` (inside ``mask_img``) and return its log bias
+    field evaluated on ``img``'s full grid (SimpleITK images, 2-D or 3-D)."""
+    import SimpleITK as sitk
+
+    shrink = any(f > 1 for f in factors)
+    small = sitk.Shrink(img, list(factors)) if shrink else img
+    small_mask = sitk.Shrink(mask_img, list(factors)) if shrink else mask_img
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetNumberOfThreads(int(threads))
+    n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
+    n4.SetConvergenceThreshold(float(convergence_threshold))
+    n4.SetNumberOfControlPoints([int(control_points)] * img.GetDimension())
+    n4.Execute(small, small_mask)
+    return n4.GetLogBiasFieldAsImage(img)
 
 
 def _shrink_factors(zooms: Sequence[float], shrink_factor: int) -> list[int]:
@@ -197,24 +223,15 @@ def n4_correct(
         )  # fmt: skip
     img = _sitk_image(arr, affine)
     mask_img = _sitk_image(fit_mask.astype(np.uint8), affine)
-    factors = [1, 1, 1] if full_resolution else _shrink_factors(zooms, shrink_factor)
-    # Never shrink an axis below the control-point count (ITK fails on a 1-voxel axis).
-    factors = [
-        max(1, min(f, n // max(int(control_points), 1))) for f, n in zip(factors, arr.shape, strict=True)
-    ]
+    factors = _capped([1, 1, 1] if full_resolution else _shrink_factors(zooms, shrink_factor),
+                      arr.shape, control_points)
     # Every ITK filter of the call (shrink, fit, field evaluation) on the same thread count.
     previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
     try:
-        small = sitk.Shrink(img, factors) if any(f > 1 for f in factors) else img
-        small_mask = sitk.Shrink(mask_img, factors) if any(f > 1 for f in factors) else mask_img
-        n4 = sitk.N4BiasFieldCorrectionImageFilter()
-        n4.SetNumberOfThreads(int(threads))
-        n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
-        n4.SetConvergenceThreshold(float(convergence_threshold))
-        n4.SetNumberOfControlPoints([int(control_points)] * 3)
-        n4.Execute(small, small_mask)
-        log_field = n4.GetLogBiasFieldAsImage(img)
+        log_field = _fit_log_field(img, mask_img, factors, iterations=iterations,
+                                   convergence_threshold=convergence_threshold,
+                                   control_points=control_points, threads=threads)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
     log_bias = np.transpose(sitk.GetArrayFromImage(log_field)).astype(np.float64)
