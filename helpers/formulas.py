@@ -28,8 +28,10 @@ __all__ = [
     "LFIAR",
     "Formula",
     "cdi",
+    "cdi_text",
     "describe",
     "lfiar",
+    "lfiar_log_text",
 ]
 
 
@@ -129,6 +131,18 @@ def lfiar(
     return main, log_ratio
 
 
+def cdi_text(settings: Mapping[str, Any] | None = None) -> str:
+    """The CDI formula the settings select (``cdi_formula``, default
+    :data:`DEFAULT_CDI_FORMULA`), as the reports state it."""
+    return CDI[str(dict(settings or {}).get("cdi_formula", DEFAULT_CDI_FORMULA))].text()
+
+
+def lfiar_log_text(settings: Mapping[str, Any] | None = None) -> str:
+    """``lfiar_log``'s formula with the settings' floor (``lfiar_floor_pct``)."""
+    floor = float(dict(settings or {}).get("lfiar_floor_pct", DEFAULT_LFIAR_FLOOR_PCT))
+    return LFIAR_LOG_EXPRESSION.replace("{floor}", f"{floor:g} %")
+
+
 def describe(settings: Mapping[str, Any] | None = None) -> list[str]:
     """Markdown bullets stating the asymmetry formulas the settings select.
 
@@ -158,5 +172,5 @@ def describe(settings: Mapping[str, Any] | None = None) -> list[str]:
         "**cdi_abs** = |cdi|."),
         (f"- **lfiar** = {f.text(floor)} (`lfiar_formula: {f.name}`, "
         f"`lfiar_floor_pct: {floor:g}`); **lfiar_log** = "
-        f"{LFIAR_LOG_EXPRESSION.replace('{floor}', f'{floor:g} %')}."),
+        f"{lfiar_log_text(s)}."),
     ]

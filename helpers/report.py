@@ -165,8 +165,14 @@ def metrics_figure(metrics: pd.DataFrame, level: str = "all") -> Figure:
     return fig
 
 
-def asymmetry_figure(asymmetry: pd.DataFrame, level: str = "all") -> Figure:
-    """Distribution of cdi and ln(lfiar) per muscle (0 = symmetric)."""
+def asymmetry_figure(
+    asymmetry: pd.DataFrame, level: str = "all", settings: Mapping[str, Any] | None = None
+) -> Figure:
+    """Distribution of cdi and lfiar_log per muscle (0 = symmetric).
+
+    ``settings``: the ``metrics`` settings the run used; the panel titles state the CDI formula
+    they select and the LFIAR floor (:mod:`helpers.formulas`; defaults when not given).
+    """
     rows = asymmetry[asymmetry["level"].astype(str) == level]
     if rows.empty:
         return _no_data(f"No asymmetry indices at level {level}")
@@ -176,7 +182,8 @@ def asymmetry_figure(asymmetry: pd.DataFrame, level: str = "all") -> Figure:
     rng = np.random.default_rng(1)
     for ax, (col, title) in zip(
         axes,
-        (("cdi", "cdi = (FCSA_L - FCSA_R) / mean"), ("lfiar_log", "ln(lfiar) = ln(FI_L / FI_R)")),
+        (("cdi", f"cdi = {formulas.cdi_text(settings)}"),
+         ("lfiar_log", f"lfiar_log = {formulas.lfiar_log_text(settings)}")),
         strict=True,
     ):
         for i, muscle in enumerate(muscles):

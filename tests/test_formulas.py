@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -82,3 +83,17 @@ def test_every_registered_formula_is_stated_and_computed_alike(cdi_formula):
         stated = eval(expr, {"np": np, "FCSA_left": left, "FCSA_right": right})
         assert float(formulas.cdi(left, right, cdi_formula)) == pytest.approx(stated)
     assert MetricsSettings(cdi_formula=cdi_formula).cdi_formula == cdi_formula
+
+
+def test_the_asymmetry_figure_titles_state_the_selected_formula():
+    """Notebook 03's asymmetry figure: its panel titles state the CDI formula the settings
+    select and lfiar_log with their floor, not the defaults' text."""
+    asym = pd.DataFrame({"level": ["all", "all"], "muscle": ["multifidus", "psoas_major"],
+                         "cdi": [0.1, -0.05], "lfiar_log": [0.2, 0.0]})
+    titles = [ax.get_title() for ax in report.asymmetry_figure(
+        asym, settings={"cdi_formula": "log_ratio", "lfiar_floor_pct": 1.0}).axes]
+    assert titles == ["cdi = ln(FCSA_left / FCSA_right)",
+                      "lfiar_log = ln(max(FI_left, 1 %) / max(FI_right, 1 %))"]
+    titles = [ax.get_title() for ax in report.asymmetry_figure(asym).axes]
+    assert titles[0] == "cdi = (FCSA_left - FCSA_right) / ((FCSA_left + FCSA_right) / 2)"
+    assert titles[1] == "lfiar_log = ln(max(FI_left, 0.5 %) / max(FI_right, 0.5 %))"
