@@ -236,8 +236,9 @@ class MetricsSettings:
     n4_fit_spacing_mm : float
         N4 fits on a copy shrunk to about this voxel spacing (mm; default 7.5, i.e. a shrink of
         8 for 0.94 mm voxels, 3 for 2.5 mm ones); the field is then evaluated at full
-        resolution.  Coil shading varies over centimetres, so this loses nothing and keeps N4
-        within about a second.
+        resolution (about 2 s of CPU per realistic scan).  A coarser grid is cheaper but less
+        accurate on the phantoms (``benchmarks/results/n4_speed.json``: 10 mm and 15 mm
+        grids raise the worst CDI error), so 7.5 mm stays the default.
     n4_iterations : tuple of int
         N4 iterations per fitting level (default (50, 50, 50)).
     side_check : bool
