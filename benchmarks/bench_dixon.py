@@ -32,12 +32,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fat_methods import PHANTOMS, QUICK
+from bench_fat_methods import PHANTOMS, QUICK, core_errors, one_thread, paired, vol
 
 from helpers import fat
 from helpers.dixon import DixonSettings, measure_dixon
 from helpers.metrics import MetricsSettings, measure
-from helpers.nifti import Volume
 from helpers.synthetic_dixon import make_dixon_phantom
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dixon.json"
@@ -52,30 +51,10 @@ DIXON_VARIANTS = [
 ]
 
 
-def _vol(img, dtype=np.float32) -> Volume:
-    return Volume(np.asarray(img.dataobj).astype(dtype), img.affine)
-
-
 def against(result, reference) -> dict[str, float]:
     """Errors of one measurement against the Dixon truth (aggregate rows)."""
-    keys = ["level", "muscle", "side"]
-    got = result.metrics[result.metrics["slice"].isna()]
-    ref = reference.metrics[reference.metrics["slice"].isna()]
-    m = got.merge(ref, on=keys, suffixes=("", "_d"))
-    m = m[m["fat_pct_d"].notna()]
-    err = m["fat_pct"] - m["fat_pct_d"]
-    a = result.asymmetry.merge(reference.asymmetry, on=["level", "muscle"], suffixes=("", "_d"))
-    a = a[a["cdi_d"].notna()]
-    cdi = (a["cdi"] - a["cdi_d"]).abs()
-    rel = (a["lfiar"] / a["lfiar_d"] - 1).abs()
-    return {
-        "fat_mae_pp": float(err.abs().mean()),
-        "fat_bias_pp": float(err.mean()),
-        "fat_max_abs_pp": float(err.abs().max()),
-        "csa_max_abs_mm2": float((m["csa_mm2"] - m["csa_mm2_d"]).abs().max()),
-        "cdi_abs_err_max": float(cdi.max()),
-        "lfiar_rel_err_median": float(rel.median()),
-    }
+    m, a = paired(result, reference.metrics, reference.asymmetry, "_d")
+    return core_errors(m, a, "_d")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,12 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="three phantoms instead of six")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    try:
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    except ImportError:  # pragma: no cover
-        pass
+    one_thread()
     rows = []
     t_all = time.perf_counter()
     for name, kw in (p for p in PHANTOMS if not args.quick or p[0] in QUICK):
@@ -96,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         for variant, noise_kw, dixon_kw in DIXON_VARIANTS:
             dp = make_dixon_phantom(name, **noise_kw, **kw)
             ph = dp.phantom
-            res = measure_dixon(_vol(dp.water), _vol(dp.fat), _vol(ph.mask, np.int16), ph.labels,
+            res = measure_dixon(vol(dp.water), vol(dp.fat), vol(ph.mask, np.int16), ph.labels,
                                 subject=name, levels=ph.levels,
                                 dixon=DixonSettings(**dixon_kw))
             if truth_res is None:
                 truth_res, truth_ph = res, ph
             rows.append({"phantom": name, "method": variant, **against(res, truth_res)})
-        img, msk = _vol(truth_ph.image), _vol(truth_ph.mask, np.int16)
+        img, msk = vol(truth_ph.image), vol(truth_ph.mask, np.int16)
         for method in fat.FAT_METHODS:
             res = measure(img, msk, truth_ph.labels, subject=name, levels=truth_ph.levels,
                           settings=MetricsSettings(fat_method=method))

@@ -34,6 +34,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 
 from helpers import fat
 from helpers.metrics import MetricsSettings, measure
@@ -73,23 +74,56 @@ PHANTOMS: list[tuple[str, dict]] = [
 QUICK = ("asym-lps", "asym-ras", "lean-las")
 
 
-def _volumes(ph):
-    img = Volume(np.asarray(ph.image.dataobj, dtype=np.float32), ph.image.affine)
-    msk = Volume(np.asarray(ph.mask.dataobj).astype(np.int16), ph.mask.affine)
-    return img, msk
+def vol(img, dtype=np.float32) -> Volume:
+    """A nibabel image as a :class:`Volume` of ``dtype``."""
+    return Volume(np.asarray(img.dataobj).astype(dtype), img.affine)
+
+
+def volumes(ph) -> tuple[Volume, Volume]:
+    """The phantom's image (float32) and mask (int16) as volumes."""
+    return vol(ph.image), vol(ph.mask, np.int16)
+
+
+def one_thread() -> None:
+    """Every ITK filter on one thread (N4's result depends slightly on the thread count)."""
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def paired(result, metrics: pd.DataFrame, asymmetry: pd.DataFrame, tag: str):
+    """Aggregate rows of a measurement merged with a reference's (columns suffixed ``tag``):
+    the metrics rows with a reference fat_pct, the asymmetry rows with a reference cdi."""
+    got = result.metrics[result.metrics["slice"].isna()]
+    m = got.merge(metrics[metrics["slice"].isna()], on=["level", "muscle", "side"],
+                  suffixes=("", tag))
+    m = m[m[f"fat_pct{tag}"].notna()]
+    a = result.asymmetry.merge(asymmetry, on=["level", "muscle"], suffixes=("", tag))
+    return m, a[a[f"cdi{tag}"].notna()]
+
+
+def core_errors(m: pd.DataFrame, a: pd.DataFrame, tag: str) -> dict[str, float]:
+    """The figures every accuracy benchmark reports, from :func:`paired` rows."""
+    err = m["fat_pct"] - m[f"fat_pct{tag}"]
+    return {
+        "fat_mae_pp": float(err.abs().mean()),
+        "fat_bias_pp": float(err.mean()),
+        "fat_max_abs_pp": float(err.abs().max()),
+        "csa_max_abs_mm2": float((m["csa_mm2"] - m[f"csa_mm2{tag}"]).abs().max()),
+        "cdi_abs_err_max": float((a["cdi"] - a[f"cdi{tag}"]).abs().max()),
+        "lfiar_rel_err_median": float((a["lfiar"] / a[f"lfiar{tag}"] - 1).abs().median()),
+    }
 
 
 def compare(result, ph) -> dict[str, float]:
     """Errors of one measurement against the phantom's truth (aggregate rows)."""
-    keys = ["level", "muscle", "side"]
-    got = result.metrics[result.metrics["slice"].isna()]
     truth = ph.truth[ph.truth["slice"].isna()]
-    m = got.merge(truth, on=keys, suffixes=("", "_t"))
-    m = m[m["fat_pct_t"].notna()]
+    m, a = paired(result, ph.truth, ph.asymmetry, "_t")
     err = m["fat_pct"] - m["fat_pct_t"]
     paraspinal = ~m["muscle"].str.contains("psoas")
-    a = result.asymmetry.merge(ph.asymmetry, on=["level", "muscle"], suffixes=("", "_t"))
-    a = a[a["cdi_t"].notna()]
     cdi_err = (a["cdi"] - a["cdi_t"]).abs()
     rel = (a["lfiar"] / a["lfiar_t"] - 1).abs()
     a_whole = a["level"] == "all"
@@ -106,16 +140,11 @@ def compare(result, ph) -> dict[str, float]:
     )
     whole = m["level"] == "all"
     return {
-        "fat_mae_pp": float(err.abs().mean()),
+        **core_errors(m, a, "_t"),
         "fat_mae_pp_whole_stack": float(err[whole].abs().mean()),
         "fat_mae_pp_paraspinal": float(err[paraspinal].abs().mean()),
-        "fat_bias_pp": float(err.mean()),
-        "fat_max_abs_pp": float(err.abs().max()),
-        "csa_max_abs_mm2": float((m["csa_mm2"] - m["csa_mm2_t"]).abs().max()),
-        "cdi_abs_err_max": float(cdi_err.max()),
         "cdi_abs_err_max_whole_stack": float(cdi_err[a_whole].max()),
         "cdi_abs_err_mean": float(cdi_err.mean()),
-        "lfiar_rel_err_median": float(rel.median()),
         "lfiar_rel_err_median_whole_stack": float(rel[a_whole].median()),
         "lfiar_rel_err_p90": float(rel.quantile(0.9)),
         "sides_swapped": swapped,
@@ -128,12 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="three phantoms instead of six")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    try:
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    except ImportError:  # pragma: no cover
-        pass
+    one_thread()
     phantoms = [(n, kw) for n, kw in PHANTOMS if not args.quick or n in QUICK]
     configs = [(m, True, False) for m in fat.FAT_METHODS]
     configs += [(m, True, True) for m in fat.FAT_METHODS]
@@ -144,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ph = make_phantom(name, **kw)
         print(f"{name}: phantom in {time.perf_counter() - t0:.1f} s", flush=True)
-        img, msk = _volumes(ph)
+        img, msk = volumes(ph)
         for method, bc, pool in configs:
             settings = MetricsSettings(fat_method=method, bias_correction=bc, pool_psoas=pool)
             t0 = time.perf_counter()
@@ -234,10 +258,44 @@ def _asymmetry_errors(res, ph, name: str, kw: dict) -> pd.DataFrame:
         "level": a["level"], "muscle": a["muscle"], "cdi_true": a["cdi_t"],
         "cdi_error": a["cdi"] - a["cdi_t"], "lfiar_rel_error": a["lfiar"] / a["lfiar_t"] - 1,
         "n_voxels_left": a["n_voxels_left"], "n_voxels_right": a["n_voxels_right"],
+        "cdi_noise_sd": cdi_noise_sd(a, res.reference),
     })
 
 
-def breakdown(out: Path = BREAKDOWN_RESULTS, n: int = 12) -> dict:
+def cdi_noise_sd(a: pd.DataFrame, reference: dict) -> NDArray[np.float64]:
+    """Standard deviation of the CDI error that image noise alone causes in each row, for an
+    unbiased per-voxel estimator (``unmix`` uses the unclipped fractions).
+
+    Each voxel's fat fraction carries the noise ``sd / (I_fat - I_muscle)`` (the subject fit's
+    noise sd and tissue intensities, corrected units; the field's left-right variation is left
+    out); a side's pooled fraction averages it over its ``n`` voxels, and the normalized
+    difference CDI of ``FCSA = CSA x (1 - f)`` propagates it linearly:
+    ``dCDI/df_L = -4 CSA_L FCSA_R / (FCSA_L + FCSA_R)^2`` (and the mirror for the right side).
+    """
+    tissues = reference["fits"][0]["tissues"]
+    per_voxel = tissues["noise_sd"] / (tissues["fat_intensity"] - tissues["muscle_intensity"])
+    fl, fr = a["fcsa_left_mm2"].to_numpy(float), a["fcsa_right_mm2"].to_numpy(float)
+    csa_l = fl / (1 - a["fat_pct_left"].to_numpy(float) / 100)
+    csa_r = fr / (1 - a["fat_pct_right"].to_numpy(float) / 100)
+    d_l = 4 * csa_l * fr / (fl + fr) ** 2
+    d_r = 4 * csa_r * fl / (fl + fr) ** 2
+    var = per_voxel**2 * (d_l**2 / a["n_voxels_left"].to_numpy(float)
+                          + d_r**2 / a["n_voxels_right"].to_numpy(float))
+    return np.sqrt(var)
+
+
+def noise_floor(sds: NDArray, draws: int = 4000, seed: int = 0) -> dict[str, float]:
+    """Worst |CDI error| over the rows of an estimator with no error but the noise: the
+    median and 10-90 % range of ``max_i |N(0, sd_i)|`` over ``draws`` simulated sets."""
+    rng = np.random.default_rng(seed)
+    worst = np.abs(rng.normal(size=(draws, len(sds))) * np.asarray(sds)).max(axis=1)
+    return {"median": float(np.median(worst)), "p10": float(np.quantile(worst, 0.1)),
+            "p90": float(np.quantile(worst, 0.9)),
+            "share_within_0.01": float(np.mean(worst <= 0.01))}
+
+
+def breakdown(out: Path = BREAKDOWN_RESULTS, n: int = 12,
+              settings: MetricsSettings | None = None) -> dict:
     """Where the default method's CDI and LFIAR errors come from, on independent phantoms.
 
     Each phantom is measured as generated (Rician noise, SNR 25) and as its noise-free twin
@@ -249,8 +307,8 @@ def breakdown(out: Path = BREAKDOWN_RESULTS, n: int = 12) -> dict:
     for name, kw in independent_phantoms(n):
         for snr in (25.0, 1e6):
             ph = make_phantom(name, snr=snr, **kw)
-            img, msk = _volumes(ph)
-            res = measure(img, msk, ph.labels, subject=name, levels=ph.levels)
+            img, msk = volumes(ph)
+            res = measure(img, msk, ph.labels, subject=name, levels=ph.levels, settings=settings)
             rows.append(_asymmetry_errors(res, ph, name, kw).assign(noise_free=snr > 1e3))
         print(f"{name}: done", flush=True)
     table = pd.concat(rows, ignore_index=True)
@@ -268,11 +326,14 @@ def breakdown(out: Path = BREAKDOWN_RESULTS, n: int = 12) -> dict:
             "rows": len(t),
         }
 
-    worst = noisy.sort_values("abs_cdi_error", ascending=False).head(10)
     twin = clean.set_index(["phantom", "level", "muscle"])["cdi_error"]
-    worst = worst.assign(cdi_error_noise_free=[
+    noisy = noisy.assign(cdi_error_noise_free=[
         float(twin.get((p, lv, m), np.nan))
-        for p, lv, m in zip(worst["phantom"], worst["level"], worst["muscle"], strict=True)])
+        for p, lv, m in zip(noisy["phantom"], noisy["level"], noisy["muscle"], strict=True)])
+    # The noise's own part of each row's error, in units of its predicted sd.
+    noisy = noisy.assign(noise_z=(noisy["cdi_error"] - noisy["cdi_error_noise_free"])
+                         / noisy["cdi_noise_sd"])
+    worst = noisy.sort_values("abs_cdi_error", ascending=False).head(10)
     by_muscle = noisy.groupby("muscle")["abs_cdi_error"].max().round(4).to_dict()
     by_phantom = noisy.groupby("phantom")["abs_cdi_error"].max().round(4).to_dict()
     doc = {
@@ -283,6 +344,13 @@ def breakdown(out: Path = BREAKDOWN_RESULTS, n: int = 12) -> dict:
                      for n_, kw in independent_phantoms(n)],
         "noisy": figures(noisy),
         "noise_free": figures(clean),
+        "noise_floor": {
+            "what": "worst |CDI error| of an estimator whose only error is the image noise "
+                    "(per-row sd from cdi_noise_sd, 4000 simulated sets of the same rows)",
+            **noise_floor(noisy["cdi_noise_sd"].to_numpy(float)),
+            "noise_z_sd": float(noisy["noise_z"].std()),
+            "noise_z_abs_max": float(noisy["noise_z"].abs().max()),
+        },
         "worst_rows": json.loads(worst.drop(columns=["noise_free"]).to_json(orient="records")),
         "cdi_abs_err_max_by_muscle": by_muscle,
         "cdi_abs_err_max_by_phantom": by_phantom,
@@ -290,7 +358,7 @@ def breakdown(out: Path = BREAKDOWN_RESULTS, n: int = 12) -> dict:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps({k: doc[k] for k in ("noisy", "noise_free")}, indent=2))
+    print(json.dumps({k: doc[k] for k in ("noisy", "noise_free", "noise_floor")}, indent=2))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(worst.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     return doc
@@ -298,6 +366,7 @@ def breakdown(out: Path = BREAKDOWN_RESULTS, n: int = 12) -> dict:
 
 if __name__ == "__main__":
     if "--breakdown" in sys.argv[1:]:
+        one_thread()
         breakdown()
         sys.exit(0)
     sys.exit(main())

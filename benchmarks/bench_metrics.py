@@ -76,7 +76,8 @@ def _times(fn, repeats: int, name: str) -> list[float]:
 
 
 #: The per-subject fat-reference steps of the metrics stage (``helpers.fat``), timed inside it.
-REFERENCE_STEPS = ("body_mask", "subcutaneous_band", "estimate_noise_sd", "tissue_intensities")
+#: ``tissue_geometry`` holds the body outline and the subcutaneous band (once per scan).
+REFERENCE_STEPS = ("tissue_geometry", "estimate_noise_sd", "tissue_intensities")
 
 
 @contextmanager

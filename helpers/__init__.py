@@ -4,8 +4,14 @@ Modules
 -------
 nifti      NIfTI I/O and geometry checks
 labels     label files; left/right from anatomy
-fat        bias-field correction and fat classification
+fat        the fat step: fraction map and record from image, mask, affine, settings
+  tissue_geometry  body outline, subcutaneous band, perimuscular shell (once per scan)
+  bias             N4 bias-field correction
+  intensity        Rician noise, histogram modes, noise level
+  fat_methods      registry of fat classification methods and the reference fit
+  arrays           fast connected components, near distance maps, C-order copies
 metrics    CSA, fat infiltration, FCSA per slice / level / stack; CDI and LFIAR
+formulas   registry of the asymmetry formulas: computed by metrics, stated by the reports
 dixon      fat fraction F / (W + F) from a Dixon water/fat pair
 contrast   each subject's contrast in the tables and stratified correlations
 synthetic  phantoms and cohorts with planted truth (synthetic_dixon: as water/fat pairs)

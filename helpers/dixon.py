@@ -69,6 +69,7 @@ from helpers.nifti import (
     subject_from_filename,
     voxel_area_mm2,
 )
+from helpers.tissue_geometry import posterior_of_muscle
 
 __all__ = [
     "DIXON_FLAGS",
@@ -219,11 +220,12 @@ def _rician_corrected(
     per voxel (``M**2 - 2 sd**2`` is unbiased for the squared signal), with each image's noise
     sd from the air behind the back.  Unchanged, with the reason, when no air is found."""
     body = fat.body_mask((w + f).astype(np.float32), affine, muscle)
+    posterior = posterior_of_muscle(muscle, affine) if np.any(muscle) else None
     out: dict[str, Any] = {"correction": "rician"}
     sds = []
     for arr, what in ((w, "water"), (f, "fat")):
         sd, source = fat.estimate_noise_sd(arr.astype(np.float32), body, muscle=muscle,
-                                           affine=affine)
+                                           affine=affine, posterior=posterior)
         out[f"{what}_sd"], out[f"{what}_sd_source"] = sd, source
         sds.append(sd if source == "background" else 0.0)
     if not all(sds):
@@ -556,9 +558,8 @@ def measure_dixon_files(
     labels = load_labels(labels_path)
     subject = subject or subject_from_filename(water_path)
     levels = metrics.read_levels(levels_path, subject) if levels_path is not None else None
-    with fat.shared_intermediates():
-        return measure_dixon(water, fat_vol, mask, labels, subject=subject, settings=settings,
-                             dixon=dixon, levels=levels, levels_clean=levels is not None)
+    return measure_dixon(water, fat_vol, mask, labels, subject=subject, settings=settings,
+                         dixon=dixon, levels=levels, levels_clean=levels is not None)
 
 
 # --------------------------------------------------------------------------------------------

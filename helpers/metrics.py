@@ -10,8 +10,9 @@ returns, per muscle and side:
   the mean of the per-slice percentages), ``fcsa_mm2`` from those two, ``n_slices``;
 - per level and muscle, the asymmetry indices ``cdi``, ``cdi_abs``, ``lfiar``, ``lfiar_log``.
 
-Formulas (defaults; configurable in :class:`MetricsSettings`)
--------------------------------------------------------------
+Formulas (defaults; configurable in :class:`MetricsSettings`; computed by, and stated in the
+reports from, the registries of :mod:`helpers.formulas`)
+------------------------------------------------------------------------------------------
 The study this toolkit follows (ISMRM 2024 #5045) did not publish its formulas, so these are
 documented choices, not the study's own:
 
@@ -72,7 +73,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from helpers import fat
+from helpers import fat, formulas
 from helpers.errors import ConfigError, InputFileError, LabelError
 from helpers.files import atomic_write_text
 from helpers.labels import LabelTable, load_labels
@@ -141,8 +142,10 @@ ASYMMETRY_COLUMNS = (
 )
 #: The whole stack's level name.
 ALL_LEVELS = "all"
-CDI_FORMULAS = ("normalized_difference", "log_ratio")
-LFIAR_FORMULAS = ("ratio", "normalized_difference")
+#: Names of the CDI and LFIAR formulas (the registries :data:`helpers.formulas.CDI` and
+#: :data:`helpers.formulas.LFIAR` compute them and give the reports their text).
+CDI_FORMULAS = tuple(formulas.CDI)
+LFIAR_FORMULAS = tuple(formulas.LFIAR)
 REFERENCE_SCOPES = ("subject", "level")
 #: ``inplane``: slices cut by the in-plane image border are NaN and dropped from aggregates;
 #: ``any``: also aggregates of muscles reaching the first/last slice are NaN;
@@ -233,8 +236,9 @@ class MetricsSettings:
     n4_fit_spacing_mm : float
         N4 fits on a copy shrunk to about this voxel spacing (mm; default 7.5, i.e. a shrink of
         8 for 0.94 mm voxels, 3 for 2.5 mm ones); the field is then evaluated at full
-        resolution.  Coil shading varies over centimetres, so this loses nothing and keeps N4
-        within about a second.
+        resolution (about 2 s of CPU per realistic scan).  A coarser grid is cheaper but less
+        accurate on the phantoms (``benchmarks/results/n4_speed.json``: 10 mm and 15 mm
+        grids raise the worst CDI error), so 7.5 mm stays the default.
     n4_iterations : tuple of int
         N4 iterations per fitting level (default (50, 50, 50)).
     side_check : bool
@@ -257,9 +261,9 @@ class MetricsSettings:
     bias_correction: bool = True
     reference_scope: str = "subject"
     pool_psoas: bool = False
-    lfiar_floor_pct: float = 0.5
-    cdi_formula: str = "normalized_difference"
-    lfiar_formula: str = "ratio"
+    lfiar_floor_pct: float = formulas.DEFAULT_LFIAR_FLOOR_PCT
+    cdi_formula: str = formulas.DEFAULT_CDI_FORMULA
+    lfiar_formula: str = formulas.DEFAULT_LFIAR_FORMULA
     edge_rule: str = "inplane"
     n4_fit_spacing_mm: float = 7.5
     n4_iterations: tuple[int, ...] = (50, 50, 50)
@@ -317,6 +321,13 @@ class MetricsSettings:
         check_setting_keys(mapping, [f.name for f in fields(cls)], section="metrics",
                            what="metrics setting", key_prefix="")
         return cls(**dict(mapping))
+
+    def fat_settings(self) -> fat.FatSettings:
+        """The settings of the fat step (:func:`helpers.fat.fat_step`)."""
+        return fat.FatSettings(
+            method=self.fat_method, bias_correction=self.bias_correction,
+            n4_fit_spacing_mm=self.n4_fit_spacing_mm, n4_iterations=self.n4_iterations,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (what ``reference.json`` stores)."""
@@ -481,26 +492,13 @@ def _slice_levels(
 
 
 def _cdi(left: NDArray | float, right: NDArray | float, formula: str) -> NDArray:
-    a, b = np.asarray(left, dtype=float), np.asarray(right, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if formula == "log_ratio":
-            return np.where((a > 0) & (b > 0), np.log(a / b), np.nan)
-        mean = (a + b) / 2
-        return np.where(mean > 0, (a - b) / mean, np.nan)
+    return formulas.cdi(left, right, formula)
 
 
 def _lfiar(
     left: NDArray | float, right: NDArray | float, floor: float, formula: str
 ) -> tuple[NDArray, NDArray]:
-    a, b = np.asarray(left, dtype=float), np.asarray(right, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if formula == "normalized_difference":
-            mean = (a + b) / 2
-            main = np.where(mean > 0, (a - b) / mean, np.nan)
-        else:
-            main = a / np.maximum(b, floor)
-        log_ratio = np.log(np.maximum(a, floor) / np.maximum(b, floor))
-    return main, log_ratio
+    return formulas.lfiar(left, right, floor, formula)
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,8 +599,7 @@ def measure(
     InputFileError
         Fat-suppressed image, no muscle voxels, bad levels table.
     """
-    with fat.shared_intermediates():
-        return _measure(image, mask, labels, subject=subject, settings=settings, levels=levels)
+    return _measure(image, mask, labels, subject=subject, settings=settings, levels=levels)
 
 
 def _measure(
@@ -672,99 +669,20 @@ def _measure(
         levels, subject, n_z, vertebra, np.moveaxis(vertebra_arr, ax, -1), clean=not levels_clean
     )
 
-    # ---- bias correction
+    # ---- the fat step: bias correction, reference tissues, fits (both sides pooled)
     reference: dict[str, Any] = {"subject": subject, "method": settings.fat_method,
                                  "scope": settings.reference_scope}
-    body = fat.body_mask(img, affine, muscle)
-    band = fat.subcutaneous_band(body, muscle, affine)
-    if settings.bias_correction:
-        t0 = time.perf_counter()
-        shrink = max(1, round(settings.n4_fit_spacing_mm / min(image.zooms_mm)))
-        try:
-            work, bias = fat.n4_correct(
-                img, affine, body, shrink_factor=shrink, iterations=settings.n4_iterations,
-            )
-        except RuntimeError as exc:  # ITK's own errors: one line, naming the file (issue 16)
-            first = " ".join(str(exc).split())[:200]
-            msg = (f"bias-field correction (N4) failed ({first}); "
-                   "measure without it (--no-bias-correction / metrics.bias_correction: false)")
-            raise InputFileError(where_image, msg) from exc
-        # Shading probe: the subcutaneous fat band, split at the muscles' midline (world x).
-        x = np.broadcast_to(_world_x(img.shape, affine), img.shape)
-        x_mid = float(x[muscle].mean())
-        effect = fat.bias_correction_effect(
-            img, work, bias, body, band & (x < x_mid), band & (x >= x_mid)
-        )
-        reference["bias_correction"] = {
-            "applied": True,
-            "method": "N4 (SimpleITK)",
-            "shrink_factor": shrink,
-            "iterations": list(settings.n4_iterations),
-            "seconds": round(time.perf_counter() - t0, 3),
-            **effect,
-        }
-    else:
-        work, bias = img, None
-        reference["bias_correction"] = {"applied": False}
-    # Noise of the magnitude image (raw units), then per voxel in the working units.
-    raw_sd, sd_source = fat.estimate_noise_sd(
-        img, body, muscle=muscle, affine=affine, muscle_values=img.ravel()[muscle_idx]
-    )
-    reference["noise"] = {"sd": raw_sd, "source": sd_source}
-
-    # ---- fat reference: once per subject (or per level), both sides pooled
     pool_values = [lab.value for lab in table.labels if settings.pool_psoas or not _is_psoas(lab.muscle)]
-    pool_idx = labelled[0][_isin(labelled[1], pool_values)]
-    if not pool_idx.size:  # only psoas in the mask: pool it after all
-        pool_idx = muscle_idx
-    groups: list[tuple[str, NDArray[np.bool_]]] = [("subject", np.ones(n_z, dtype=bool))]
+    pool = np.zeros(img.size, dtype=bool)
+    pool[labelled[0][_isin(labelled[1], pool_values)]] = True
+    level_fits: list[tuple[str, NDArray[np.bool_]]] = []
     if settings.reference_scope == "level":
         names = sorted({lev for lev in slice_level if lev is not None}, key=_level_key)
-        groups += [(n, np.array([lev == n for lev in slice_level])) for n in names]
-    fraction_map = np.full(img.shape, np.nan, dtype=np.float32)
-    unclipped_map = np.full(img.shape, np.nan, dtype=np.float32)
-    work_flat: NDArray | None = None
-    fits = []
-    collapsed_any = False
-    covered = np.zeros(n_z, dtype=bool)
-    for name, sel_slices in reversed(groups):  # levels first, the subject fit fills the rest
-        if name == "subject":
-            sel_slices = ~covered
-        if sel_slices.all():  # the whole stack: no copies
-            g_muscle, g_body, g_band = muscle, body, band
-            g_muscle_idx, g_pool_idx = muscle_idx, pool_idx
-        else:
-            sel = _slice_selector(img.shape, ax, sel_slices)
-            g_muscle, g_body, g_band = muscle & sel, body & sel, band & sel
-            flat_sel = sel.ravel()
-            g_muscle_idx = muscle_idx[flat_sel[muscle_idx]]
-            g_pool_idx = pool_idx[flat_sel[pool_idx]]
-        if not g_muscle_idx.size:
-            continue
-        if not g_pool_idx.size:
-            g_pool_idx = g_muscle_idx
-        # Flat C-order views (gathers through the index arrays = boolean selections).
-        work_flat = np.ravel(work) if work_flat is None else work_flat
-        bias_flat = np.ravel(bias) if bias is not None else None
-        noise_pool = raw_sd / bias_flat[g_pool_idx] if bias_flat is not None else np.full(1, raw_sd)
-        pool_values_g = work_flat[g_pool_idx]
-        tissues = fat.tissue_intensities(
-            work, g_muscle, affine, body=g_body, band=g_band,
-            muscle_values=pool_values_g, noise_sd=float(np.median(noise_pool)),
-            path=where_image,
-        )
-        ref = fat.fit_reference(pool_values_g, tissues, settings.fat_method, scope=name)
-        collapsed_any |= ref.collapsed
-        fits.append({**ref.to_dict(), "tissues": tissues.to_dict()})
-        vals = work_flat[g_muscle_idx]
-        noise = raw_sd / bias_flat[g_muscle_idx] if bias_flat is not None else raw_sd
-        unclipped = ref.fraction(vals, clip=False, noise_sd=noise)
-        unclipped_map.ravel()[g_muscle_idx] = unclipped
-        # = ref.fraction(vals, clip=True, ...): rounding to float32 is monotonic and keeps 0 and
-        # 1, so clipping after it gives the same values (and skips a second evaluation).
-        fraction_map.ravel()[g_muscle_idx] = np.clip(unclipped, 0.0, 1.0)
-        covered |= sel_slices
-    reference["fits"] = list(reversed(fits))
+        level_fits = [(n, np.array([lev == n for lev in slice_level])) for n in names]
+    step = fat.fat_step(img, muscle, affine, settings.fat_settings(), pool=pool.reshape(img.shape),
+                        levels=level_fits, path=where_image)
+    reference.update(step.record)
+    unclipped_map, fraction_map, collapsed_any = step.unclipped, step.fraction, step.collapsed
     reference["pooled_muscles"] = sorted(
         {lab.muscle for lab in table.labels if lab.value in set(pool_values)}
     )
@@ -804,19 +722,6 @@ def _refuse_swapped_sides(
         "(metrics.side_check: false)"
     )
     raise LabelError(table.path or mask_path or Path("<labels>"), msg)
-
-
-def _world_x(shape: tuple[int, ...], affine: NDArray[np.float64]) -> NDArray:
-    """World x (RAS+ mm, + = patient's right) of every voxel (broadcastable)."""
-    i, j, k = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    a = affine[0]
-    return (a[0] * i + a[1] * j + a[2] * k + a[3]).astype(np.float32)
-
-
-def _slice_selector(shape: tuple[int, ...], ax: int, sel: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    view = [1, 1, 1]
-    view[ax] = shape[ax]
-    return np.broadcast_to(np.asarray(sel, dtype=bool).reshape(view), shape)
 
 
 def _flag_strings(bits: NDArray[np.bool_]) -> list[str]:
@@ -1151,6 +1056,5 @@ def measure_files(
     labels = load_labels(labels_path)
     subject = subject or subject_from_filename(image_path)
     levels = read_levels(levels_path, subject) if levels_path is not None else None
-    with fat.shared_intermediates():  # distance maps and masks computed once per scan
-        return _measure(image, mask, labels, subject=subject, settings=settings,
-                        levels=levels, levels_clean=True)
+    return _measure(image, mask, labels, subject=subject, settings=settings, levels=levels,
+                    levels_clean=True)

@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from helpers import fat_methods, formulas
 from helpers.files import atomic_path, atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -164,8 +165,14 @@ def metrics_figure(metrics: pd.DataFrame, level: str = "all") -> Figure:
     return fig
 
 
-def asymmetry_figure(asymmetry: pd.DataFrame, level: str = "all") -> Figure:
-    """Distribution of cdi and ln(lfiar) per muscle (0 = symmetric)."""
+def asymmetry_figure(
+    asymmetry: pd.DataFrame, level: str = "all", settings: Mapping[str, Any] | None = None
+) -> Figure:
+    """Distribution of cdi and lfiar_log per muscle (0 = symmetric).
+
+    ``settings``: the ``metrics`` settings the run used; the panel titles state the CDI formula
+    they select and the LFIAR floor (:mod:`helpers.formulas`; defaults when not given).
+    """
     rows = asymmetry[asymmetry["level"].astype(str) == level]
     if rows.empty:
         return _no_data(f"No asymmetry indices at level {level}")
@@ -175,7 +182,8 @@ def asymmetry_figure(asymmetry: pd.DataFrame, level: str = "all") -> Figure:
     rng = np.random.default_rng(1)
     for ax, (col, title) in zip(
         axes,
-        (("cdi", "cdi = (FCSA_L - FCSA_R) / mean"), ("lfiar_log", "ln(lfiar) = ln(FI_L / FI_R)")),
+        (("cdi", f"cdi = {formulas.cdi_text(settings)}"),
+         ("lfiar_log", f"lfiar_log = {formulas.lfiar_log_text(settings)}")),
         strict=True,
     ):
         for i, muscle in enumerate(muscles):
@@ -417,14 +425,23 @@ def caveats_markdown(
     Parameters
     ----------
     metrics_settings : mapping, optional
-        The study's ``metrics`` settings (fat method, bias correction, ...), shown as used.
+        The ``metrics`` settings the run used (fat method, bias correction, formulas, ...):
+        the CDI and LFIAR formulas stated are the ones they select
+        (:func:`helpers.formulas.describe`), the fat method's description comes from
+        :data:`helpers.fat_methods.METHODS`.
     lfiar_floor_pct : float, optional
         The LFIAR denominator floor (%) in force.
     """
     settings = dict(metrics_settings or {})
-    floor = lfiar_floor_pct if lfiar_floor_pct is not None else settings.get("lfiar_floor_pct")
-    floor_text = f"{floor:g} %" if isinstance(floor, int | float) else "the configured floor"
+    if lfiar_floor_pct is not None:
+        settings["lfiar_floor_pct"] = lfiar_floor_pct
     shown = ", ".join(f"`{k}: {v}`" for k, v in sorted(settings.items())) or "defaults"
+    method = str(settings.get("fat_method", fat_methods.DEFAULT_FAT_METHOD))
+    described = fat_methods.METHODS.get(method)
+    n4 = ("after N4 bias-field correction" if settings.get("bias_correction", True)
+          else "without bias-field correction")
+    what = f": {described.description}" if described is not None else ""
+    fat_line = f"- **Fat** (`fat_method: {method}`){what}; {n4}."
     return "\n".join(
         [
             "### Formulas and caveats",
@@ -434,17 +451,12 @@ def caveats_markdown(
                 "**FI** (fat infiltration, %): fat share pooled over all the muscle's voxels. "
                 "**FCSA** (functional CSA, mm2) = CSA x (1 - FI / 100)."
             ),
+            fat_line,
+            *formulas.describe(settings),
             (
-                "- **cdi** = (FCSA_left - FCSA_right) / ((FCSA_left + FCSA_right) / 2): normalised "
-                "left-right difference, > 0 when the left is larger; **cdi_abs** = |cdi|."
-            ),
-            (
-                f"- **lfiar** = FI_left / max(FI_right, floor), floor = {floor_text}; "
-                "**lfiar_log** = ln(lfiar)."
-            ),
-            (
-                "- The original study's exact formulas are not public; these are documented defaults and "
-                "are configurable in the study file (`metrics:` section)."
+                "- The original study's exact formulas are not public; the formulas above are the ones "
+                "these settings select (documented defaults unless the study file's `metrics:` "
+                "section sets them)."
             ),
             f"- Measurement settings used: {shown}.",
             (

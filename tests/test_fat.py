@@ -10,7 +10,7 @@ from plain_reference import plain_border_connected
 from scipy import ndimage as ndi
 from scipy import stats
 
-from helpers import fat, synthetic
+from helpers import arrays, fat, intensity, synthetic
 from helpers.errors import InputFileError
 from helpers.nifti import load_image, load_mask
 
@@ -431,7 +431,7 @@ def _random_masks() -> list[np.ndarray]:
 def test_labels_equal_scipy_with_the_same_numbering():
     for mask in _random_masks():
         expected, n = ndi.label(mask)
-        got, m = fat._label(mask)
+        got, m = arrays._label(mask)
         assert m == n
         assert np.array_equal(got, expected)
 
@@ -439,7 +439,7 @@ def test_labels_equal_scipy_with_the_same_numbering():
 @pytest.mark.parametrize("ax", [0, 1, 2])
 def test_inplane_border_connection_equals_labelling_with_an_inplane_cross(ax):
     for mask in _random_masks():
-        assert np.array_equal(fat._border_connected_inplane(mask, ax), plain_border_connected(mask, ax))
+        assert np.array_equal(arrays._border_connected_inplane(mask, ax), plain_border_connected(mask, ax))
 
 
 def test_layout_helpers_keep_values():
@@ -448,34 +448,31 @@ def test_layout_helpers_keep_values():
     assert c.flags.c_contiguous
     assert np.array_equal(c, x.astype(np.float32))
     for ax in range(3):
-        stack = fat._to_stack(x, ax)
+        stack = arrays._to_stack(x, ax)
         assert stack.flags.c_contiguous
         assert np.array_equal(stack, np.moveaxis(x, ax, 0))
-        assert np.array_equal(fat._from_stack(stack, ax), x)
+        assert np.array_equal(arrays._from_stack(stack, ax), x)
 
 
 @pytest.mark.parametrize("sampling", [(1.0, 1.0), (0.9375, 0.7617), (2.5, 2.5)])
 def test_local_distance_maps_equal_the_whole_slice_transform_where_used(sampling):
     rng = np.random.default_rng(5)
-    reach = fat._NEAR_REACH_MM
+    reach = arrays._NEAR_REACH_MM
     for _ in range(6):
         inside = ndi.gaussian_filter(rng.normal(size=(90, 70)), 4) > -0.05
         roi = ndi.gaussian_filter(rng.normal(size=inside.shape), 6) > 0.02
         full = ndi.distance_transform_edt(inside, sampling=sampling)
         near = (full <= reach) & roi
-        with fat.shared_intermediates():
-            depth = fat._depth_mm(inside, sampling, reach, roi)
-            again = fat._depth_mm(inside, sampling, 2.0, roi & inside)  # reused, same values
+        depth = arrays._depth_mm(inside, sampling, reach, roi)
         assert np.array_equal(depth[near], full[near])
         assert np.all(depth[roi & ~near] > reach)
-        assert again is depth
         features = ~inside
         full = ndi.distance_transform_edt(~features, sampling=sampling)
         near = (full <= reach) & roi
-        dist = fat._distance_to(features, sampling, 5.0, roi)
+        dist = arrays._distance_to(features, sampling, 5.0, roi)
         assert np.array_equal(dist[near], full[near])
         assert np.all(dist[roi & ~near] > reach)
-        everywhere = fat._distance_to(features, sampling, 5.0)
+        everywhere = arrays._distance_to(features, sampling, 5.0)
         assert np.array_equal(everywhere[full <= reach], full[full <= reach])
 
 
@@ -485,7 +482,7 @@ def test_dilation_on_a_box_equals_the_whole_volume():
     full = ~ndi.binary_dilation(mask, iterations=5)
     for region in [(slice(3, 20), slice(0, 30), slice(2, 7)), (slice(0, 40), slice(25, 30),
                                                                  slice(0, 9))]:
-        assert np.array_equal(fat._away_from(mask, 5, region), full[region])
+        assert np.array_equal(arrays._away_from(mask, 5, region), full[region])
 
 
 def test_rice_mode_equals_the_search_over_the_whole_grid():
@@ -504,4 +501,4 @@ def test_rice_mode_equals_the_search_over_the_whole_grid():
 
     rng = np.random.default_rng(11)
     for nu, sd in [(0.0, 1.0), (50.0, 24.0), (600.0, 20.0), *rng.uniform(0.1, 400, (40, 2))]:
-        assert fat._rice_mode(float(nu), float(sd)) == plain(float(nu), float(sd))
+        assert intensity._rice_mode(float(nu), float(sd)) == plain(float(nu), float(sd))

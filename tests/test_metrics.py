@@ -681,7 +681,7 @@ def _rice_mode_full_grid(nu: float, sd: float) -> float:
 
 
 def test_windowed_rice_mode_is_the_full_grid_maximum():
-    from helpers import fat
+    from helpers import intensity
 
     rng = np.random.default_rng(4)
     sds = [1e-3, 0.5, 1.0, 7.0, 24.0, 300.0, *rng.uniform(0.05, 100, 12)]
@@ -689,13 +689,13 @@ def test_windowed_rice_mode_is_the_full_grid_maximum():
         nus = [0.0, 1e-9, 0.5 * sd, sd, 1.3 * sd, 3 * sd, 40 * sd, 2000 * sd,
                *rng.uniform(0, 5 * sd, 8), *rng.uniform(0, 60 * sd, 8)]
         for nu in nus:
-            assert fat._rice_mode(float(nu), float(sd)) == _rice_mode_full_grid(float(nu), float(sd))
+            assert intensity._rice_mode(float(nu), float(sd)) == _rice_mode_full_grid(float(nu), float(sd))
 
 
 def test_distance_maps_on_a_crop_equal_the_whole_slice_transform():
     from scipy import ndimage as ndi
 
-    from helpers import fat
+    from helpers import arrays
 
     rng = np.random.default_rng(5)
     for _ in range(60):
@@ -706,7 +706,7 @@ def test_distance_maps_on_a_crop_equal_the_whole_slice_transform():
         sampling = (float(rng.uniform(0.4, 3.0)), float(rng.uniform(0.4, 3.0)))
         reach = float(rng.uniform(0.5, 15.0))
         full = ndi.distance_transform_edt(~feats, sampling=sampling)
-        fast = fat._distance_to(feats, sampling, reach)
+        fast = arrays._distance_to(feats, sampling, reach)
         near = full <= reach
         assert np.array_equal(fast[near], full[near])
         assert np.all(fast[~near] > reach)
@@ -729,33 +729,51 @@ def test_body_mask_fills_every_in_plane_hole():
         assert np.array_equal(body[..., k], ndi.binary_fill_holes(body[..., k]))
 
 
-def test_shared_intermediates_do_not_change_numbers(small_phantom):
+def test_tissue_geometry_computed_once_equals_each_mask_computed_alone(small_phantom):
+    """The fat step computes the tissue geometry once (each distance map once per slice) and
+    passes it on; every mask equals the function that computes it alone, whole stack and
+    restricted to a few slices, and the tissue intensities come out the same either way."""
     from helpers import fat
-    from helpers.metrics import _measure
+    from helpers import tissue_geometry as tg
+    from helpers.nifti import slice_axis
 
     img, msk = _volumes(small_phantom)
-    for settings in (NO_N4, MetricsSettings(bias_correction=False, fat_method="otsu",
-                                            reference_scope="level")):
-        plain = _measure(img, msk, small_phantom.labels, subject="s", settings=settings,
-                         levels=small_phantom.levels)
-        with fat.shared_intermediates():
-            shared = _measure(img, msk, small_phantom.labels, subject="s", settings=settings,
-                              levels=small_phantom.levels)
-        pd.testing.assert_frame_equal(plain.metrics, shared.metrics, check_exact=True)
-        pd.testing.assert_frame_equal(plain.asymmetry, shared.asymmetry, check_exact=True)
-        assert np.array_equal(plain.fat_fraction, shared.fat_fraction, equal_nan=True)
-        a, b = dict(plain.reference), dict(shared.reference)
-        a.pop("seconds"), b.pop("seconds")
-        assert a == b
+    arr = np.ascontiguousarray(img.data, dtype=np.float32)
+    muscle = np.asarray(msk.data) > 0
+    affine = img.affine
+    geo = tg.tissue_geometry(arr, muscle, affine)
+    body = tg.body_mask(arr, affine, muscle)
+    band = tg.subcutaneous_band(body, muscle, affine)
+    assert np.array_equal(geo.body, body)
+    assert np.array_equal(geo.band, band)
+    assert np.array_equal(geo.posterior, tg.posterior_of_muscle(muscle, affine))
+    assert np.array_equal(geo.shell, tg.perimuscular_shell(muscle, affine))
+    assert np.array_equal(geo.band_core, tg.without_skin_rim(band, body, affine))
+    assert geo.band.any()
+    assert geo.shell.any()
+    assert geo.band_core.any()
+    ax = slice_axis(affine)
+    view = [1, 1, 1]
+    view[ax] = arr.shape[ax]
+    sel = np.broadcast_to((np.arange(arr.shape[ax]) % 3 == 0).reshape(view), arr.shape)
+    part = geo.restricted(sel)
+    alone_band = tg.subcutaneous_band(body & sel, muscle & sel, affine)
+    assert np.array_equal(part.band, alone_band)
+    assert np.array_equal(part.shell, tg.perimuscular_shell(muscle & sel, affine))
+    assert np.array_equal(part.band_core, tg.without_skin_rim(alone_band, body & sel, affine))
+    for g, m in ((geo, muscle), (part, muscle & sel)):
+        passed = fat.tissue_intensities(arr, m, affine, geometry=g)
+        alone = fat.tissue_intensities(arr, m, affine, body=g.body, band=g.band)
+        assert passed == alone
 
 
 # ============================================================================ fast paths (issue 7)
 def _plain_posterior(muscle, affine, ax):
     """Voxels posterior to the muscles' mean world y on their slice, from the whole volume's
-    world y (the straightforward form of ``fat._posterior_of_muscle``)."""
-    from helpers import fat
+    world y (the straightforward form of ``tissue_geometry._posterior_of_muscle``)."""
+    from helpers import tissue_geometry
 
-    y = np.broadcast_to(fat._world_coordinate(muscle.shape, affine, 1), muscle.shape)
+    y = np.broadcast_to(tissue_geometry._world_coordinate(muscle.shape, affine, 1), muscle.shape)
     y_m, mus_m = np.moveaxis(y, ax, -1), np.moveaxis(muscle, ax, -1)
     out = np.zeros(mus_m.shape, dtype=bool)
     for k in range(mus_m.shape[-1]):
@@ -770,7 +788,7 @@ def _use_straightforward(monkeypatch):
     dilation of the whole volume, the world y of the whole volume, no C-order conversion."""
     from scipy import ndimage as ndi
 
-    from helpers import fat
+    from helpers import arrays, fat, tissue_geometry
 
     def whole_slice(inside, sampling, reach_mm, roi, kind, limit=None):
         return ndi.distance_transform_edt(inside, sampling=sampling)
@@ -779,11 +797,11 @@ def _use_straightforward(monkeypatch):
         out = ~ndi.binary_dilation(mask, iterations=margin)
         return out if region is None else out[region]
 
-    monkeypatch.setattr(fat, "_label", ndi.label)
-    monkeypatch.setattr(fat, "_border_connected_inplane", plain_border_connected)
-    monkeypatch.setattr(fat, "_edt_near", whole_slice)
-    monkeypatch.setattr(fat, "_away_from", whole_volume)
-    monkeypatch.setattr(fat, "_posterior_of_muscle_uncached", _plain_posterior)
+    monkeypatch.setattr(arrays, "_label", ndi.label)
+    monkeypatch.setattr(arrays, "_border_connected_inplane", plain_border_connected)
+    monkeypatch.setattr(arrays, "_edt_near", whole_slice)
+    monkeypatch.setattr(arrays, "_away_from", whole_volume)
+    monkeypatch.setattr(tissue_geometry, "_posterior_of_muscle", _plain_posterior)
     monkeypatch.setattr(fat, "c_order", lambda data, dtype=None: np.asarray(data, dtype=dtype))
 
 
