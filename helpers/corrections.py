@@ -181,9 +181,10 @@ def write_slicer_segmentation(
         raise InputFileError(mask, f"not a readable NIfTI file ({exc})") from exc
     if data.ndim != 3:
         raise InputFileError(mask, f"a label mask must be 3-D, this one has shape {data.shape}")
-    if not np.issubdtype(data.dtype, np.integer):
-        if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
-            raise InputFileError(mask, "a label mask must hold whole numbers")
+    if not np.issubdtype(data.dtype, np.integer) and (
+        not np.all(np.isfinite(data)) or np.any(data != np.round(data))
+    ):
+        raise InputFileError(mask, "a label mask must hold whole numbers")
     values = np.unique(data).astype(np.int64)
     undeclared = sorted(set(values.tolist()) - {0, *labels.values})
     if undeclared:
