@@ -13,6 +13,10 @@ Steps, all in one run on this machine's CPU:
    ``--epochs`` x ``--iterations`` schedule (default 10 x 25) on ``--threads`` threads;
 3. Dice of the fine-tuned model on the same held-out cases.
 
+Dice is scored per unsided muscle on each model's raw prediction
+(:func:`helpers.training.compare_models`: no scan checks, no left/right split, as the reference
+masks are unsided).
+
 It writes ``benchmarks/results/finetune.json``: mean held-out Dice per muscle before and after,
 the gain, the wall time of the fine-tuning and the machine's load.
 
@@ -28,6 +32,7 @@ import os
 import platform
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nibabel as nib
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if parent is None:
         p.error("no shipped model in data/demo_model")
     labels = load_model(parent).labels
+    load_start = os.getloadavg()[0]
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="esma-finetune-") as tmp:
         work = Path(tmp)
         train = new_site_cases(work / "train", args.train, 7000, "site-t")
@@ -100,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                           for m, row in mean.iterrows()},
         "mean_dice_before": round(float(table.loc[table.model == "before", "dice"].mean()), 4),
         "mean_dice_after": round(float(table.loc[table.model == "after", "dice"].mean()), 4),
-        "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0],
+        "measured_at": started,
+        "machine": {"cpus": os.cpu_count(), "load_1min_start": round(load_start, 2),
+                    "load_1min": round(os.getloadavg()[0], 2),
                     "platform": platform.platform()},
     }
     report["mean_dice_gain"] = round(report["mean_dice_after"] - report["mean_dice_before"], 4)

@@ -1360,6 +1360,9 @@ def compare_models(
     scan that is not a lumbar cross-section, or a result with no psoas / quadratus lumborum or
     dim fat) are off here, because they withhold the mask of exactly the cases a model gets
     wrong (a model that misses the psoas scores Dice 0 for it instead of failing the comparison).
+    Predictions are written in the label space of ``labels``: an unsided model's labels are
+    split into left/right (:func:`helpers.labels.split_sides`) only when ``labels`` are sided,
+    so unsided reference masks are compared with unsided predictions.
 
     Returns
     -------
@@ -1374,7 +1377,7 @@ def compare_models(
             [c.image for c in cases],
             model,
             Path(work_dir) / name,
-            SegmentSettings(device=device, check_scan=False),
+            SegmentSettings(device=device, check_scan=False, split_sides=labels.is_sided()),
             progress=False,
         )
         masks = dict(zip(out["image"].astype(str), out["mask"], strict=True))

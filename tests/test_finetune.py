@@ -107,7 +107,9 @@ def test_fine_tune_chain_exports_a_card_and_compares_on_held_out(tmp_path, monke
 
 
 def test_compare_models_scores_raw_predictions_without_the_scan_checks(tmp_path, monkeypatch):
-    """A model that misses a label scores Dice 0 for it; the scan checks would withhold its mask."""
+    """A model that misses a label scores Dice 0 for it (the scan checks would withhold its
+    mask), and predictions are in the label space of the reference: sides split only for sided
+    labels (unsided references against sided predictions compared different muscles)."""
     import nibabel as nib
     import numpy as np
     import pandas as pd
@@ -132,7 +134,15 @@ def test_compare_models_scores_raw_predictions_without_the_scan_checks(tmp_path,
     monkeypatch.setattr(segment, "segment_cohort", fake_cohort)
     case = TrainingCase("c1", tmp_path / "img.nii.gz", tmp_path / "ref.nii.gz")
     table = compare_models({"m": "model.zip"}, [case], SIDED, tmp_path / "seg")
-    assert [s.check_scan for s in seen] == [False]
+    assert [(s.check_scan, s.split_sides) for s in seen] == [(False, True)]
     dice = table.set_index("value")["dice"]
     assert dice[1] == pytest.approx(1.0)
     assert dice[2] == pytest.approx(0.0)
+    unsided = parse_labels(
+        {"labels": [{"value": 1, "muscle": "multifidus"}, {"value": 2, "muscle": "psoas_major"}]}
+    )
+    table = compare_models({"m": "model.zip"}, [case], unsided, tmp_path / "seg2")
+    assert [(s.check_scan, s.split_sides) for s in seen[1:]] == [(False, False)]
+    assert table.set_index("muscle")["dice"].to_dict() == pytest.approx(
+        {"multifidus": 1.0, "psoas_major": 0.0}
+    )
