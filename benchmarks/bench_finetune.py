@@ -18,9 +18,14 @@ Dice is scored per unsided muscle on each model's raw prediction
 masks are unsided).
 
 It writes ``benchmarks/results/finetune.json``: mean held-out Dice per muscle before and after,
-the gain, the wall time of the fine-tuning and the machine's load.
+the gain, the wall time of the fine-tuning, when it ran and the machine's load.  On the 2-core
+development machine at load 7-10 the default run took about 10 minutes in all (259 s of it
+fine-tuning, the rest making phantoms and segmenting the held-out cases twice), ``--epochs 30``
+about 16 minutes (645 s fine-tuning).
 
-    nice -n 10 .venv/bin/python benchmarks/bench_finetune.py            # about the default
+    nice -n 10 .venv/bin/python benchmarks/bench_finetune.py            # the default (10 x 25)
+    nice -n 10 .venv/bin/python benchmarks/bench_finetune.py --epochs 30 --out \
+        benchmarks/results/finetune_30epochs.json                       # the longer schedule
     nice -n 10 .venv/bin/python benchmarks/bench_finetune.py --epochs 1 --iterations 2  # a check
 """
 
