@@ -133,6 +133,9 @@ def _near(rgb: np.ndarray, colour: tuple[float, float, float], tol: int = 8) -> 
 def jupyterlab(tmp_path_factory):
     pytest.importorskip("jupyterlab", reason="JupyterLab is not installed")
     pytest.importorskip("ipyniivue", reason="ipyniivue is not installed")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if _chromium() is None:
+        pytest.skip("no Chromium (chromium, chromium-browser, google-chrome or $ESMA_CHROMIUM)")
     root = tmp_path_factory.mktemp("lab")
     port = _free_port()
     env = {
@@ -177,10 +180,9 @@ def jupyterlab(tmp_path_factory):
 
 
 def test_niivue_view_renders_offline_in_jupyterlab(jupyterlab):
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+    from playwright import sync_api as playwright_api
+
     chromium = _chromium()
-    if chromium is None:
-        pytest.skip("no Chromium (chromium, chromium-browser, google-chrome or $ESMA_CHROMIUM)")
     root, base = jupyterlab
     labels_path = root / "labels.json"
     labels_path.write_text(
