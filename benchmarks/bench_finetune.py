@@ -13,10 +13,19 @@ Steps, all in one run on this machine's CPU:
    ``--epochs`` x ``--iterations`` schedule (default 10 x 25) on ``--threads`` threads;
 3. Dice of the fine-tuned model on the same held-out cases.
 
-It writes ``benchmarks/results/finetune.json``: mean held-out Dice per muscle before and after,
-the gain, the wall time of the fine-tuning and the machine's load.
+Dice is scored per unsided muscle on each model's raw prediction
+(:func:`helpers.training.compare_models`: no scan checks, no left/right split, as the reference
+masks are unsided).
 
-    nice -n 10 .venv/bin/python benchmarks/bench_finetune.py            # about the default
+It writes ``benchmarks/results/finetune.json``: mean held-out Dice per muscle before and after,
+the gain, the wall time of the fine-tuning, when it ran and the machine's load.  On the 2-core
+development machine at load 7-10 the default run took about 10 minutes in all (259 s of it
+fine-tuning, the rest making phantoms and segmenting the held-out cases twice), ``--epochs 30``
+about 16 minutes (645 s fine-tuning).
+
+    nice -n 10 .venv/bin/python benchmarks/bench_finetune.py            # the default (10 x 25)
+    nice -n 10 .venv/bin/python benchmarks/bench_finetune.py --epochs 30 --out \
+        benchmarks/results/finetune_30epochs.json                       # the longer schedule
     nice -n 10 .venv/bin/python benchmarks/bench_finetune.py --epochs 1 --iterations 2  # a check
 """
 
@@ -28,6 +37,7 @@ import os
 import platform
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nibabel as nib
@@ -72,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if parent is None:
         p.error("no shipped model in data/demo_model")
     labels = load_model(parent).labels
+    load_start = os.getloadavg()[0]
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="esma-finetune-") as tmp:
         work = Path(tmp)
         train = new_site_cases(work / "train", args.train, 7000, "site-t")
@@ -100,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                           for m, row in mean.iterrows()},
         "mean_dice_before": round(float(table.loc[table.model == "before", "dice"].mean()), 4),
         "mean_dice_after": round(float(table.loc[table.model == "after", "dice"].mean()), 4),
-        "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0],
+        "measured_at": started,
+        "machine": {"cpus": os.cpu_count(), "load_1min_start": round(load_start, 2),
+                    "load_1min": round(os.getloadavg()[0], 2),
                     "platform": platform.platform()},
     }
     report["mean_dice_gain"] = round(report["mean_dice_after"] - report["mean_dice_before"], 4)

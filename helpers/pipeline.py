@@ -2234,10 +2234,13 @@ def qc_browser(study: Study, paths: RunPaths, outputs: QCOutputs) -> Any:
     return browse(cases, paths.decisions, load_labels(study.labels), qc=outputs.qc)
 
 
-def qc_view_3d(study: Study, paths: RunPaths, outputs: QCOutputs, subject: str = "") -> Any:
-    """An itkwidgets 3-D view of one subject (default: the first with the worst QC status).
+def qc_view_3d(
+    study: Study, paths: RunPaths, outputs: QCOutputs, subject: str = "", backend: str = "niivue"
+) -> Any:
+    """A 3-D view of one subject (default: the first with the worst QC status).
 
-    Returns :class:`helpers.viewer.Unavailable` with the reason when itkwidgets cannot load.
+    ``backend``: ``niivue`` (JupyterLab 4, offline) or ``itkwidgets`` (classic Notebook), see
+    :func:`helpers.viewer.view_3d`; :class:`helpers.viewer.Unavailable` when it cannot load.
     """
     from helpers.report import qc_status_table
     from helpers.viewer import view_3d
@@ -2250,7 +2253,7 @@ def qc_view_3d(study: Study, paths: RunPaths, outputs: QCOutputs, subject: str =
         from IPython.display import Markdown
 
         return Markdown("No segmented subject to show.")
-    return view_3d(study.subject(chosen).image, masks[chosen])
+    return view_3d(study.subject(chosen).image, masks[chosen], study.labels, backend=backend)
 
 
 # ---------------------------------------------------------------------------------- metrics

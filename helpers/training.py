@@ -1356,6 +1356,14 @@ def compare_models(
 ) -> pd.DataFrame:
     """Dice of several models on held-out cases (e.g. ``{"before": parent, "after": child}``).
 
+    Each model's raw prediction is scored: segmentation's scan checks (``check_scan``: refuse a
+    scan that is not a lumbar cross-section, or a result with no psoas / quadratus lumborum or
+    dim fat) are off here, because they withhold the mask of exactly the cases a model gets
+    wrong (a model that misses the psoas scores Dice 0 for it instead of failing the comparison).
+    Predictions are written in the label space of ``labels``: an unsided model's labels are
+    split into left/right (:func:`helpers.labels.split_sides`) only when ``labels`` are sided,
+    so unsided reference masks are compared with unsided predictions.
+
     Returns
     -------
     DataFrame
@@ -1369,7 +1377,7 @@ def compare_models(
             [c.image for c in cases],
             model,
             Path(work_dir) / name,
-            SegmentSettings(device=device),
+            SegmentSettings(device=device, check_scan=False, split_sides=labels.is_sided()),
             progress=False,
         )
         masks = dict(zip(out["image"].astype(str), out["mask"], strict=True))

@@ -1,27 +1,33 @@
-"""Interactive QC in JupyterLab: a widget browser over the cohort and an optional 3-D view.
+"""Interactive QC in JupyterLab: a widget browser over the cohort and a 3-D view.
 
-Nothing here is needed by batch runs or the HTML reports: ``ipywidgets`` and ``itkwidgets`` are
-imported inside the functions, so importing this module costs nothing and works without them.
+Nothing here is needed by batch runs or the HTML reports: ``ipywidgets``, ``ipyniivue`` and
+``itkwidgets`` are imported inside the functions, so importing this module costs nothing and
+works without them.
 
 - :func:`browse` builds an ipywidgets browser (works with ipywidgets 7 and 8): subject
   dropdown, slice slider, label-opacity slider, the subject's QC findings, and *Include* /
   *Exclude* buttons that record the reviewer's decision in ``qc_decisions.csv`` through
   :func:`helpers.qc.set_decision`.  The overlay is drawn by :func:`helpers.qc.render_slice`
   (radiological convention, orientation letters from the affine) into an ``Image`` widget.
-- :func:`view_3d` opens an itkwidgets 3-D view of an image with its label mask when itkwidgets
-  is installed and returns a clear message otherwise.  :func:`itkwidgets_support` says which
-  Jupyter front ends the installed itkwidgets can render in.
+- :func:`view_3d` opens a 3-D view of an image with its label mask: by default NiiVue
+  (:func:`view_3d_niivue`, ipyniivue), or the itkwidgets viewer (``backend="itkwidgets"``).
+  :func:`itkwidgets_support` says which Jupyter front ends the installed itkwidgets can render in.
 
 Front ends (checked for the pinned versions)
 --------------------------------------------
 - The browser needs only ipywidgets: 7.8 (pinned; its JupyterLab extension
   ``@jupyter-widgets/jupyterlab-manager`` 3.1 supports JupyterLab 3 and 4) or 8.x (the tests
   pass with both).
+- NiiVue (ipyniivue 2.4, an anywidget): its wheel bundles the whole NiiVue viewer
+  (``ipyniivue/static/widget.js``) and anywidget's JupyterLab extension serves it, so it renders
+  in JupyterLab 4 with no network.  ``tests/test_viewer_browser.py`` checks that in headless
+  Chromium against a real JupyterLab server with every outside request blocked: the canvas
+  draws the image and the labels in esma's colours, the patient's right on screen left
+  (radiological) for a volume stored R-A-S, and no request leaves the machine.
 - itkwidgets 0.32.x ships only a classic-Notebook extension (``nbextensions/itkwidgets``,
   written for ``@jupyter-widgets/base`` 1-3); it has no JupyterLab 4 extension, so in
-  JupyterLab 4 the 3-D view cannot render ("model not found").  Open the notebook in the
-  classic Notebook (``jupyter notebook``, version 6.4 here) for the 3-D view.
-- itkwidgets 1.0 pre-releases (``itkwidgets[lab]``) support JupyterLab 4 through the prebuilt
+  JupyterLab 4 its view cannot render ("model not found").  itkwidgets 1.0 pre-releases
+  (``itkwidgets[lab]``) support JupyterLab 4 through the prebuilt
   ``imjoy-jupyterlab-extension`` but load the viewer app from the internet at run time.
 
 Example (in a notebook)::
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import html
 import importlib
+import importlib.util
 import json
 import logging
 from collections.abc import Mapping
@@ -41,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from helpers.errors import EsmaError
@@ -55,7 +63,15 @@ from helpers.qc import (
     worst_status,
 )
 
-__all__ = ["QCBrowser", "Unavailable", "browse", "itkwidgets_support", "view_3d"]
+__all__ = [
+    "BACKENDS_3D",
+    "QCBrowser",
+    "Unavailable",
+    "browse",
+    "itkwidgets_support",
+    "view_3d",
+    "view_3d_niivue",
+]
 
 log = logging.getLogger(__name__)
 
@@ -392,18 +408,157 @@ def itkwidgets_support() -> dict[str, Any]:
     return info
 
 
-def view_3d(image_path: str | Path, mask_path: str | Path) -> Any:
-    """3-D view of an image with its label mask (itkwidgets), or a message when unavailable.
+#: The 3-D view back ends :func:`view_3d` offers; the first is the default.
+BACKENDS_3D = ("niivue", "itkwidgets")
 
-    The arrays are passed in file (voxel) order with their voxel spacing (mm); the view shows
-    anatomy in storage order, so use the 2-D browser (which follows the affine) for left/right.
+
+def _label_lut(labels: LabelTable) -> dict[str, Any]:
+    """NiiVue label colour table: RGBA 0-255 and a name for each value 0..max (0 clear)."""
+    from helpers.qc import label_colours
+
+    colours = label_colours(labels)
+    top = max(labels.values, default=0)
+    lut = [0, 0, 0, 0]
+    names = [""]
+    for value in range(1, top + 1):
+        if value in colours:
+            lab = labels.by_value(value)
+            lut += [round(c * 255) for c in colours[value]] + [255]
+            names.append(f"{lab.side}_{lab.muscle}" if lab.side else lab.muscle)
+        else:
+            lut += [0, 0, 0, 0]
+            names.append("")
+    return {"lut": lut, "min": 0.0, "max": float(top), "labels": names}
+
+
+def view_3d_niivue(
+    image_path: str | Path,
+    mask_path: str | Path,
+    labels: LabelTable | str | Path,
+    *,
+    opacity: float = 0.5,
+    height: int = 480,
+    convention: str = "radiological",
+) -> Any:
+    """A NiiVue 3-D view (ipyniivue) of an image with its label mask, for JupyterLab 4, offline.
+
+    The two NIfTI files are sent to the browser as they are (bytes through the widget's comm,
+    nothing fetched from the network: ipyniivue's wheel bundles the NiiVue viewer, and anywidget
+    serves it); NiiVue places them in world space from their sform/qform, so the three planes and
+    the 3-D rendering are in anatomical orientation whatever the storage order.  The mask is a
+    label layer with esma's label colours (:func:`helpers.qc.label_colours`, as in the QC
+    overlays) and names (``side_muscle``, shown on hover and in the legend).
+
+    Parameters
+    ----------
+    image_path, mask_path : path
+        Image and its integer label mask (same grid).
+    labels : LabelTable or path
+        The declared labels (or the label file).
+    opacity : float
+        Label opacity (0-1).
+    height : int
+        Widget height in pixels.
+    convention : {"radiological", "neurological"}
+        Screen convention of the 2-D planes (patient's right on screen left or right).
 
     Returns
     -------
-    itkwidgets viewer or Unavailable
-        The viewer widget when itkwidgets imports; otherwise an :class:`Unavailable` whose
-        ``message`` explains what is missing.
+    ipyniivue.NiiVue
+        Multiplanar view (axial, coronal, sagittal) plus a 3-D rendering.
+
+    Raises
+    ------
+    EsmaError
+        ipyniivue is not installed, the files are not readable NIfTI images, or the mask holds
+        label values the label file does not declare.
     """
+    from helpers.labels import load_labels
+
+    try:
+        ipyniivue = importlib.import_module("ipyniivue")
+    except ImportError as exc:
+        msg = f"the NiiVue 3-D view needs ipyniivue (pip install ipyniivue): {exc}"
+        raise EsmaError(msg) from exc
+    if convention not in ("radiological", "neurological"):
+        msg = f"view_3d: convention must be 'radiological' or 'neurological', not {convention!r}"
+        raise EsmaError(msg)
+    table = labels if isinstance(labels, LabelTable) else load_labels(labels)
+    load_image(image_path)  # readable, 3-D, finite: a clear error here instead of a blank canvas
+    mask = load_mask(mask_path)
+    table.check_values(set(map(int, np.unique(mask.data))) - {0}, mask_path)
+    nv = ipyniivue.NiiVue(
+        height=height,
+        is_radiological_convention=convention == "radiological",
+        multiplanar_show_render=ipyniivue.ShowRender.ALWAYS,
+        is_orient_cube=True,
+        show_legend=True,
+        back_color=(0.0, 0.0, 0.0, 1.0),
+    )
+    nv.load_volumes(
+        [
+            {"path": Path(image_path), "colormap": "gray", "colorbar_visible": False},
+            {
+                "path": Path(mask_path),
+                "opacity": float(opacity),
+                "colorbar_visible": False,
+                "colormap_label": ipyniivue.LUT(**_label_lut(table)),
+            },
+        ]
+    )
+    nv.set_slice_type(ipyniivue.SliceType.MULTIPLANAR)
+    return nv
+
+
+def view_3d(
+    image_path: str | Path,
+    mask_path: str | Path,
+    labels: LabelTable | str | Path | None = None,
+    *,
+    backend: str = "niivue",
+    opacity: float = 0.5,
+    height: int = 480,
+) -> Any:
+    """3-D view of an image with its label mask, or a message when it cannot work here.
+
+    Parameters
+    ----------
+    image_path, mask_path : path
+        Image and its label mask.
+    labels : LabelTable or path, optional
+        Declared labels (colours and names); needed by the ``niivue`` back end.
+    backend : {"niivue", "itkwidgets"}
+        ``niivue`` (default, :func:`view_3d_niivue`): renders in JupyterLab 4 and the classic
+        Notebook without network.  ``itkwidgets``: the itkwidgets 0.32 viewer, which renders only
+        in the classic Notebook (see :func:`itkwidgets_support`); the arrays are passed in file
+        (voxel) order with their spacing, so use the 2-D browser for left/right.
+    opacity, height : float, int
+        Label opacity and widget height (``niivue`` only).
+
+    Returns
+    -------
+    widget or Unavailable
+        The viewer widget; an :class:`Unavailable` whose ``message`` says what is missing when
+        the back end's package does not import.
+
+    Raises
+    ------
+    EsmaError
+        Unknown back end, ``niivue`` without labels, unreadable files.
+    """
+    if backend not in BACKENDS_3D:
+        msg = f"view_3d: backend must be one of {list(BACKENDS_3D)}, not {backend!r}"
+        raise EsmaError(msg)
+    if backend == "niivue":
+        if labels is None:
+            msg = "view_3d: the niivue view needs the label file (labels=...)"
+            raise EsmaError(msg)
+        if importlib.util.find_spec("ipyniivue") is None:
+            return Unavailable(
+                "ipyniivue is not installed; install it (pip install ipyniivue) to get the "
+                "3-D view, or use helpers.viewer.browse for slice-by-slice review"
+            )
+        return view_3d_niivue(image_path, mask_path, labels, opacity=opacity, height=height)
     image = load_image(image_path)
     mask = load_mask(mask_path)
     try:
@@ -411,7 +566,7 @@ def view_3d(image_path: str | Path, mask_path: str | Path) -> Any:
     except ImportError as exc:
         return Unavailable(
             f"itkwidgets is not installed or does not import ({exc}); install it to get the 3-D "
-            "view, or use helpers.viewer.browse for slice-by-slice review"
+            "view, use backend='niivue', or helpers.viewer.browse for slice-by-slice review"
         )
     support = itkwidgets_support()
     if not support["labextension"]:

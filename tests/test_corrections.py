@@ -113,10 +113,18 @@ def test_export_bundle_writes_the_picked_subjects_without_identity(tmp_path, exa
     mask = nib.load(out / "sub-0001" / "sub-0001_dseg.nii.gz")
     truth = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz")
     np.testing.assert_array_equal(np.asanyarray(mask.dataobj), np.asanyarray(truth.dataobj))
+    import nrrd
+
+    seg, seg_header = nrrd.read(str(out / "sub-0001" / "sub-0001_dseg.seg.nrrd"))
+    np.testing.assert_array_equal(seg, np.asanyarray(truth.dataobj))
+    assert seg_header["Segment0_Name"] == "{0.side}_{0.muscle}".format(
+        load_labels(example_dir / "labels.json").labels[0]
+    )
     readme = (out / "README.md").read_text()
     assert "itksnap -g" in readme
     assert "-l labels.itksnap.txt" in readme
     assert "labels.ctbl" in readme
+    assert "_dseg.seg.nrrd" in readme
     assert "corrections:" in readme
     # explicit picks, and unknown subjects named
     out2 = corrections.export_bundle(
@@ -245,3 +253,85 @@ def test_cli_qc_export(tmp_path, example_dir, capsys):
     assert "1 subject(s)" in capsys.readouterr().out
     assert (tmp_path / "b" / "sub-0002" / "sub-0002_dseg.nii.gz").is_file()
     assert "add `corrections: corrections/`" in (tmp_path / "b" / "README.md").read_text()
+
+
+def _oblique_mask(tmp_path: Path) -> Path:
+    """A small mask stored L-P-S with an oblique, anisotropic affine and a missing label."""
+    rng = np.random.default_rng(3)
+    data = np.zeros((12, 10, 5), np.int16)
+    data[2:6, 3:7, 1:4] = 1
+    data[7:11, 2:5, 0:2] = 4
+    data[0, 0, 4] = 2
+    theta = np.deg2rad(12)
+    rot = np.array(
+        [[-np.cos(theta), 0, np.sin(theta)], [0, -1, 0], [np.sin(theta), 0, np.cos(theta)]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.9, 1.1, 4.5])
+    affine[:3, 3] = rng.uniform(-80, 80, 3)
+    path = tmp_path / "m_dseg.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def test_slicer_segmentation_reads_back_with_names_colours_values_and_geometry(
+    tmp_path, example_dir
+):
+    import nrrd
+    import SimpleITK as sitk
+
+    labels = load_labels(example_dir / "labels.json")
+    colours = qc.label_colours(labels)
+    mask = _oblique_mask(tmp_path)
+    out = corrections.write_slicer_segmentation(mask, labels, tmp_path / "m.seg.nrrd")
+    data, header = nrrd.read(str(out), index_order="F")
+    nifti = nib.load(mask)
+    truth = np.asanyarray(nifti.dataobj)
+    np.testing.assert_array_equal(data, truth)
+    assert data.dtype == np.uint8
+    assert header["encoding"] == "gzip"
+    assert header["space"] == "left-posterior-superior"
+    assert header["Segmentation_SourceRepresentation"] == "Binary labelmap"
+    assert header["Segmentation_MasterRepresentation"] == "Binary labelmap"
+    # geometry: voxel (i, j, k) lands on the NIfTI world point with x and y negated (RAS -> LPS)
+    for ijk in [(0, 0, 0), (11, 9, 4), (3, 7, 2)]:
+        ras = nifti.affine @ np.array([*ijk, 1.0])
+        lps = header["space origin"] + np.asarray(ijk) @ header["space directions"]
+        np.testing.assert_allclose(lps, ras[:3] * [-1, -1, 1], atol=1e-9)
+    # one segment per declared label, in file order
+    n_segments = len({k.split("_")[0] for k in header if k.startswith("Segment") and
+                      not k.startswith("Segmentation")})
+    assert n_segments == len(labels.labels)
+    for n, lab in enumerate(labels.labels):
+        name = f"{lab.side}_{lab.muscle}"
+        assert header[f"Segment{n}_Name"] == name
+        assert header[f"Segment{n}_ID"] == name
+        assert int(header[f"Segment{n}_LabelValue"]) == lab.value
+        assert header[f"Segment{n}_Layer"] == "0"
+        rgb = [float(x) for x in header[f"Segment{n}_Color"].split()]
+        np.testing.assert_allclose(rgb, colours[lab.value], atol=1 / 255)
+        extent = [int(x) for x in header[f"Segment{n}_Extent"].split()]
+        where = np.nonzero(truth == lab.value)
+        if where[0].size:
+            assert extent == [v for ax in where for v in (int(ax.min()), int(ax.max()))]
+        else:
+            assert extent == [0, -1, 0, -1, 0, -1]  # Slicer's empty extent
+    # an independent reader: ITK puts both files on the same physical grid (LPS)
+    a, b = sitk.ReadImage(str(mask)), sitk.ReadImage(str(out))
+    np.testing.assert_allclose(b.GetOrigin(), a.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(b.GetSpacing(), a.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(b.GetDirection(), a.GetDirection(), atol=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(b), sitk.GetArrayFromImage(a))
+
+
+def test_slicer_segmentation_rejects_undeclared_labels_naming_the_file(tmp_path, example_dir):
+    from helpers.errors import InputFileError
+
+    labels = load_labels(example_dir / "labels.json")
+    path = tmp_path / "bad_dseg.nii.gz"
+    data = np.zeros((4, 4, 3), np.uint8)
+    data[1, 1, 1] = 77
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(InputFileError, match=r"bad_dseg\.nii\.gz.*\[77\]"):
+        corrections.write_slicer_segmentation(path, labels, tmp_path / "bad.seg.nrrd")
+    assert not (tmp_path / "bad.seg.nrrd").exists()

@@ -104,3 +104,45 @@ def test_fine_tune_chain_exports_a_card_and_compares_on_held_out(tmp_path, monke
     assert set(table["model"]) == {"before", "after"}
     assert len(table) == 2 * len(labels.values)
     assert table["dice"].between(0, 1).all()
+
+
+def test_compare_models_scores_raw_predictions_without_the_scan_checks(tmp_path, monkeypatch):
+    """A model that misses a label scores Dice 0 for it (the scan checks would withhold its
+    mask), and predictions are in the label space of the reference: sides split only for sided
+    labels (unsided references against sided predictions compared different muscles)."""
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from helpers import segment
+    from helpers.training import compare_models
+
+    ref = np.zeros((6, 6, 3), np.uint8)
+    ref[1:3, 1:3] = 1
+    ref[4:6, 4:6] = 2
+    nib.save(nib.Nifti1Image(ref, np.eye(4)), tmp_path / "ref.nii.gz")
+    seen = []
+
+    def fake_cohort(images, model, out_dir, settings, progress):
+        seen.append(settings)
+        out_dir.mkdir(parents=True)
+        pred = ref.copy()
+        pred[pred == 2] = 0  # this model misses label 2
+        nib.save(nib.Nifti1Image(pred, np.eye(4)), out_dir / "p.nii.gz")
+        return pd.DataFrame({"image": [str(images[0])], "mask": [str(out_dir / "p.nii.gz")]})
+
+    monkeypatch.setattr(segment, "segment_cohort", fake_cohort)
+    case = TrainingCase("c1", tmp_path / "img.nii.gz", tmp_path / "ref.nii.gz")
+    table = compare_models({"m": "model.zip"}, [case], SIDED, tmp_path / "seg")
+    assert [(s.check_scan, s.split_sides) for s in seen] == [(False, True)]
+    dice = table.set_index("value")["dice"]
+    assert dice[1] == pytest.approx(1.0)
+    assert dice[2] == pytest.approx(0.0)
+    unsided = parse_labels(
+        {"labels": [{"value": 1, "muscle": "multifidus"}, {"value": 2, "muscle": "psoas_major"}]}
+    )
+    table = compare_models({"m": "model.zip"}, [case], unsided, tmp_path / "seg2")
+    assert [(s.check_scan, s.split_sides) for s in seen[1:]] == [(False, False)]
+    assert table.set_index("muscle")["dice"].to_dict() == pytest.approx(
+        {"multifidus": 1.0, "psoas_major": 0.0}
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import nibabel as nib
@@ -158,7 +159,7 @@ def test_browser_accepts_a_mapping_and_reports_bad_files(tmp_path):
 def test_view_3d_without_itkwidgets_gives_a_clear_message(tmp_path, monkeypatch):
     _, image, mask = _subject(tmp_path, "sub-01", "LPS", 4)
     monkeypatch.setitem(sys.modules, "itkwidgets", None)  # import fails
-    out = viewer.view_3d(image, mask)
+    out = viewer.view_3d(image, mask, backend="itkwidgets")
     assert isinstance(out, viewer.Unavailable)
     assert "itkwidgets is not installed" in out.message
     assert "browse" in out._repr_html_()
@@ -176,6 +177,91 @@ def test_itkwidgets_support_report():
 def test_view_3d_builds_an_itkwidgets_viewer(tmp_path):
     pytest.importorskip("itkwidgets")
     _, image, mask = _subject(tmp_path, "sub-01", "LPS", 4)
-    out = viewer.view_3d(image, mask)
+    out = viewer.view_3d(image, mask, backend="itkwidgets")
     assert not isinstance(out, viewer.Unavailable)
     assert type(out).__module__.startswith("itkwidgets")
+
+
+def test_view_3d_niivue_sends_both_files_with_esma_label_colours_and_names(tmp_path):
+    ipyniivue = pytest.importorskip("ipyniivue")
+    _, image, mask = _subject(tmp_path, "sub-01", "RAS", 4)
+    labels = LabelTable((*LABELS.labels, Label(4, "psoas_major", None)))
+    nv = viewer.view_3d(image, mask, labels, opacity=0.7, height=400)  # niivue is the default
+    assert isinstance(nv, ipyniivue.NiiVue)
+    assert nv.height == 400
+    assert nv.opts.is_radiological_convention
+    base, overlay = nv.volumes
+    # the file bytes travel in the widget state (nothing is fetched by URL)
+    assert base.get_state()["path"]["data"] == image.read_bytes()
+    assert overlay.get_state()["path"]["data"] == mask.read_bytes()
+    assert base.url is None
+    assert overlay.url is None
+    assert base.colormap == "gray"
+    assert overlay.opacity == pytest.approx(0.7)
+    lut = overlay.colormap_label
+    assert (lut.min, lut.max) == (0.0, 4.0)
+    assert lut.labels == ["", "right_multifidus", "left_multifidus", "", "psoas_major"]
+    rgba = np.array(lut.lut).reshape(-1, 4)
+    colours = qc.label_colours(labels)
+    assert rgba[0, 3] == 0  # background clear
+    assert rgba[3, 3] == 0  # undeclared value 3 clear
+    for value in (1, 2, 4):
+        assert tuple(rgba[value, :3]) == tuple(round(c * 255) for c in colours[value])
+        assert rgba[value, 3] == 255
+    neuro = viewer.view_3d_niivue(image, mask, labels, convention="neurological")
+    assert not neuro.opts.is_radiological_convention
+
+
+def test_view_3d_niivue_errors_name_the_problem(tmp_path, monkeypatch):
+    pytest.importorskip("ipyniivue")
+    _, image, mask = _subject(tmp_path, "sub-01", "LPS", 4)
+    only_right = LabelTable((Label(1, "multifidus", "right"),))
+    with pytest.raises(EsmaError, match=r"sub-01_dseg\.nii\.gz.*2"):
+        viewer.view_3d(image, mask, only_right)  # the mask holds label 2 too
+    with pytest.raises(EsmaError, match="needs the label file"):
+        viewer.view_3d(image, mask)
+    with pytest.raises(EsmaError, match="backend must be one of"):
+        viewer.view_3d(image, mask, LABELS, backend="vtk")
+    with pytest.raises(EsmaError, match="convention"):
+        viewer.view_3d_niivue(image, mask, LABELS, convention="sideways")
+    with pytest.raises(EsmaError, match=r"missing\.nii\.gz"):
+        viewer.view_3d(tmp_path / "missing.nii.gz", mask, LABELS)
+    monkeypatch.setattr(viewer.importlib.util, "find_spec", lambda name: None)
+    out = viewer.view_3d(image, mask, LABELS)
+    assert isinstance(out, viewer.Unavailable)
+    assert "ipyniivue is not installed" in out.message
+
+
+def test_qc_notebook_view_shows_the_worst_subject_with_the_chosen_backend(tmp_path, example_dir):
+    """``pipeline.qc_view_3d`` (the 02_qc cell): NiiVue by default, itkwidgets when asked."""
+    ipyniivue = pytest.importorskip("ipyniivue")
+    import shutil
+
+    from helpers import pipeline
+
+    shutil.copyfile(example_dir / "labels.json", tmp_path / "labels.json")
+    good = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz")
+    swapped = np.asarray(good.dataobj).copy()
+    swapped[swapped == 1], swapped[swapped == 3] = 3, 1  # multifidus <-> erector spinae: fails
+    (tmp_path / "masks").mkdir()
+    for subject in ("sub-0001", "sub-0002"):
+        shutil.copyfile(example_dir / "sub-0001_T1w.nii.gz", tmp_path / f"{subject}_T2w.nii.gz")
+    shutil.copyfile(example_dir / "sub-0001_T1w_dseg.nii.gz", tmp_path / "masks/sub-0001.nii.gz")
+    nib.save(nib.Nifti1Image(swapped, good.affine, good.header), tmp_path / "masks/sub-0002.nii.gz")
+    (tmp_path / "study.yml").write_text(
+        "study: tiny\nimages: '*_T2w.nii.gz'\nlabels: labels.json\n"
+        "masks: 'masks/{subject}.nii.gz'\noutput: out\nqc: {z_edge_status: pass}\n"
+    )
+    study, paths = pipeline.open_study(tmp_path / "study.yml", tmp_path / "out" / "run")
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    seg = pipeline.segment_stage(study, paths, progress=False)
+    out = pipeline.qc_stage(study, paths, seg, progress=False)
+    assert out.summary.set_index("subject").loc["sub-0002", "status"] == "fail"
+    nv = pipeline.qc_view_3d(study, paths, out)
+    assert isinstance(nv, ipyniivue.NiiVue)
+    overlay = nv.volumes[1]
+    assert overlay.get_state()["path"]["data"] == (tmp_path / "masks/sub-0002.nii.gz").read_bytes()
+    assert "right_multifidus" in overlay.colormap_label.labels
+    if importlib.util.find_spec("itkwidgets") is not None:
+        itk_view = pipeline.qc_view_3d(study, paths, out, backend="itkwidgets")
+        assert type(itk_view).__module__.startswith("itkwidgets")
