@@ -70,7 +70,6 @@ With ``ingest:`` the cohort is what the ingest wrote (``<out>/ingest.csv``, rows
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import glob
 import logging
 import re
@@ -84,6 +83,7 @@ import yaml
 
 from helpers.errors import ConfigError, EsmaError
 from helpers.nifti import subject_from_filename
+from helpers.validate import SettingError, did_you_mean
 
 __all__ = [
     "ASYMMETRY_INDICES",
@@ -356,6 +356,11 @@ class Study:
         return any(s.mask is not None for s in self.subjects)
 
     @property
+    def contrasts(self) -> dict[str, str]:
+        """Subject -> its contrast (``T2w``, ``T1w``, ``dixon``), in cohort order."""
+        return {s.subject: s.contrast for s in self.subjects}
+
+    @property
     def work_dir(self) -> Path:
         """Per-stage work folder shared by every run (segmentations, per-subject metrics)."""
         return self.output / "work"
@@ -597,7 +602,7 @@ class _Validator:
             if k not in allowed:
                 where = f"{key}.{k}" if key else k
                 self.fail(
-                    where, f"unknown key{_did_you_mean(k, allowed)}; allowed: " + ", ".join(allowed)
+                    where, f"unknown key{did_you_mean(k, allowed)}; allowed: " + ", ".join(allowed)
                 )
         for k in required:
             if mapping.get(k) is None:
@@ -938,7 +943,7 @@ def _clinical(v: _Validator, spec: object) -> ClinicalSpec | None:
     try:
         load_clinical(path, ClinicalMapping.from_dict(mapping, where="clinical"))
     except ConfigError as exc:
-        _fail_with_key(v, "clinical", str(exc))
+        _fail_with_key(v, "clinical", exc)
     except EsmaError as exc:
         v.fail("clinical.path", str(exc))
     return ClinicalSpec(path, mapping, skip)
@@ -955,7 +960,7 @@ def _segmentation(v: _Validator, spec: object) -> dict[str, Any]:
     try:
         SegmentSettings(**_tuples(options))
     except (EsmaError, ValueError, TypeError) as exc:
-        _fail_with_key(v, "segmentation", str(exc), names)
+        _fail_with_key(v, "segmentation", exc, names)
     return options
 
 
@@ -987,18 +992,27 @@ def _delegate(
     except ImportError as exc:  # pragma: no cover - every stage module ships with esma
         log.debug("%s: not validated (%s)", key, exc)
     except (EsmaError, ValueError, TypeError, KeyError) as exc:
-        _fail_with_key(v, key, str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+        _fail_with_key(v, key, str(exc.args[0]) if isinstance(exc, KeyError) else exc)
     return options
 
 
-def _fail_with_key(v: _Validator, key: str, text: str, fields: Sequence[str] = ()) -> None:
-    """Re-raise another module's message under the study file's name and the full key.
+def _fail_with_key(
+    v: _Validator, key: str, exc_or_text: Exception | str, fields: Sequence[str] = ()
+) -> None:
+    """Re-raise another module's error under the study file's name and the full key.
+
+    A :class:`helpers.validate.SettingError` carries its key; the message parsing below is
+    only for modules whose settings do not raise it yet (metrics, dixon).
 
     ``fat_method: 'x' is not ...`` from the metrics module becomes
     ``study.yml: metrics.fat_method: 'x' is not ...``; a message that already starts with the
     section (``executor.kind: ...``) keeps its key; any other message is put under ``key``.
     """
-    text = " ".join(text.split())
+    if isinstance(exc_or_text, SettingError):  # the key travels with the error: no parsing
+        sub = exc_or_text.key
+        v.fail(sub if sub == key or sub.startswith(key + ".") else f"{key}.{sub}",
+               " ".join(exc_or_text.problem.split()))
+    text = " ".join(str(exc_or_text).split())
     for name in fields:  # "device must be ..." -> key segmentation.device
         if text.startswith(f"{name} "):
             v.fail(f"{key}.{name}", text[len(name) + 1 :])
@@ -1029,7 +1043,7 @@ def _statistics(v: _Validator, spec: object) -> StatisticsSpec:
             if name not in known:
                 v.fail(
                     "statistics.indices",
-                    f"{name!r} is not one of {', '.join(known)}" + _did_you_mean(name, known),
+                    f"{name!r} is not one of {', '.join(known)}" + did_you_mean(name, known),
                 )
         if not indices:
             v.fail("statistics.indices", "name at least one index")
@@ -1056,11 +1070,6 @@ def _statistics(v: _Validator, spec: object) -> StatisticsSpec:
 def _tuples(options: Mapping[str, Any]) -> dict[str, Any]:
     """YAML lists to tuples (the settings dataclasses are frozen and hashable)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-
-
-def _did_you_mean(value: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _preview(items: Sequence[str], n: int = 5) -> str:

@@ -50,6 +50,7 @@ from helpers.files import atomic_path, atomic_write_text
 from helpers.labels import Label, LabelTable, lateralization_table
 from helpers.nifti import Volume, check_same_grid, load_image, load_mask
 from helpers.nifti import slice_axis as _slice_axis
+from helpers.overlap import dice
 
 __all__ = [
     "ALL_LEVELS",
@@ -69,7 +70,6 @@ __all__ = [
     "cohort_outliers",
     "component_table",
     "coverage_table",
-    "dice",
     "dice_table",
     "excluded_subjects",
     "init_decisions",
@@ -751,34 +751,6 @@ def lateralization_checks(
                 status = "pass"
             rows.append(_row(subject, level, "lateralization", status, sep, reason, muscle=muscle))
     return _frame(rows)
-
-
-def dice(a: NDArray, b: NDArray) -> float:
-    """Dice overlap ``2|A n B| / (|A| + |B|)`` of two boolean masks.
-
-    Returns NaN when both are empty (overlap undefined; reported as such, never as 0 or 1).
-
-    Raises
-    ------
-    ValueError
-        Shapes differ.
-
-    Examples
-    --------
-    >>> dice(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 0], bool))
-    0.5
-    >>> dice(np.zeros(3, bool), np.zeros(3, bool))
-    nan
-    """
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    if a.shape != b.shape:
-        msg = f"dice: shapes differ {a.shape} vs {b.shape}"
-        raise ValueError(msg)
-    total = int(a.sum()) + int(b.sum())
-    if total == 0:
-        return math.nan
-    return 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def dice_table(

@@ -76,6 +76,7 @@ from helpers.errors import ConfigError, EsmaError, InputFileError, ModelError
 from helpers.files import atomic_write_text, is_done, mark_done, sha256_file
 from helpers.labels import Label, LabelTable, load_labels, parse_labels
 from helpers.nifti import Volume, load_image, save_like, slice_axis, subject_from_filename
+from helpers.nnunet_runtime import available_cores, find_trainer_class, runtime_versions
 
 __all__ = [
     "FAST_STEP_SIZE",
@@ -545,28 +546,6 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity where the OS tells it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
-
-
-def runtime_versions() -> dict[str, str]:
-    """Python, nnunetv2, torch and esma versions, for sidecars and training records."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("nnunetv2", "torch", "esma"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:  # pragma: no cover - not installed
-            out[pkg] = "unknown"
-    return out
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Send nnU-Net's prints to the debug log instead of stdout."""
@@ -860,7 +839,7 @@ def _initialize(predictor: Any, model: ModelInfo, folds: Sequence[int | str]) ->
 
     Same steps and result (load each fold's weights, build the network with the checkpoint's
     trainer class, load the first fold's weights, :meth:`manual_initialization`), but the class
-    comes from :func:`helpers.training.find_trainer_class`, which does not crash on installs
+    comes from :func:`helpers.nnunet_runtime.find_trainer_class`, which does not crash on installs
     where nnU-Net's own search would import torchvision; and the trainers of
     :data:`PLAN_NETWORK_TRAINERS` build the network from the plans without importing a trainer.
     """
@@ -868,7 +847,6 @@ def _initialize(predictor: Any, model: ModelInfo, folds: Sequence[int | str]) ->
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from helpers.training import find_trainer_class
 
     dataset_json = json.loads((model.folder / "dataset.json").read_text(encoding="utf-8"))
     plans = json.loads((model.folder / "plans.json").read_text(encoding="utf-8"))

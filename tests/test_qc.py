@@ -20,7 +20,7 @@ from nibabel.orientations import (
 )
 from scipy.stats import norm
 
-from helpers import qc
+from helpers import overlap, qc, synthetic
 from helpers.errors import ConfigError, GeometryMismatchError, InputFileError
 from helpers.labels import Label, LabelTable
 from helpers.nifti import Volume
@@ -196,7 +196,6 @@ def test_world_centroids_follow_the_affine_not_array_order():
 
 
 def test_lateralization_on_synthetic_phantoms_lps_and_ras():
-    synthetic = pytest.importorskip("helpers.synthetic")
     for orientation in ("LPS", "RAS"):
         ph = synthetic.make_phantom("syn-lat", template="small", seed=3, orientation=orientation)
         mask = np.asarray(ph.mask.dataobj).astype(np.int16)
@@ -407,12 +406,12 @@ def test_qc_rows_have_the_documented_columns_and_known_checks():
 def test_dice_on_tiny_arrays_equals_hand_computation():
     a = np.array([[1, 1, 0], [0, 1, 0]], dtype=bool)  # |A| = 3
     b = np.array([[0, 1, 1], [0, 1, 1]], dtype=bool)  # |B| = 4, |A n B| = 2
-    assert qc.dice(a, b) == pytest.approx(2 * 2 / 7)
-    assert qc.dice(a, a) == 1.0
-    assert qc.dice(a, ~a) == 0.0
-    assert math.isnan(qc.dice(np.zeros(4, bool), np.zeros(4, bool)))
+    assert overlap.dice(a, b) == pytest.approx(2 * 2 / 7)
+    assert overlap.dice(a, a) == 1.0
+    assert overlap.dice(a, ~a) == 0.0
+    assert math.isnan(overlap.dice(np.zeros(4, bool), np.zeros(4, bool)))
     with pytest.raises(ValueError, match="shapes differ"):
-        qc.dice(a, b.ravel())
+        overlap.dice(a, b.ravel())
 
     auto = np.array([[1, 1, 2, 0]])
     manual = np.array([[1, 0, 2, 2]])
@@ -851,7 +850,6 @@ def test_run_qc_on_files_writes_tables_mosaics_and_seeds_decisions(tmp_path):
 
 
 def test_run_qc_on_synthetic_phantom_with_cohort_metrics(tmp_path):
-    synthetic = pytest.importorskip("helpers.synthetic")
     ph = synthetic.make_phantom("syn-007", template="small", seed=2, orientation="RAS")
     nib.save(ph.image, tmp_path / "img.nii.gz")
     nib.save(ph.mask, tmp_path / "msk.nii.gz")
