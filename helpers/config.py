@@ -76,7 +76,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
@@ -98,6 +98,12 @@ __all__ = [
     "parse_study",
     "resolved_document",
 ]
+
+if TYPE_CHECKING:  # the settings classes live with the stage that uses them
+    from helpers.executor import ExecutorConfig
+    from helpers.metrics import MetricsSettings
+    from helpers.qc import QCSettings
+    from helpers.segment import SegmentSettings
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +224,22 @@ class ClinicalSpec:
         :func:`helpers.clinical.load_clinical`; empty for a file in the standard layout.
     skip_invalid : bool
         Score the valid rows and list the invalid ones (default) instead of stopping the run.
+    table : pandas.DataFrame or None
+        The file as read when the study was validated (the one read of it per process).
     """
 
     path: Path
     mapping: dict[str, Any] = field(default_factory=dict)
     skip_invalid: bool = True
+    table: pd.DataFrame | None = field(default=None, compare=False, repr=False)
+
+    def data(self) -> pd.DataFrame:
+        """The clinical table in the standard layout (a copy of the one read; read if none)."""
+        if self.table is None:
+            from helpers.clinical import load_clinical
+
+            object.__setattr__(self, "table", load_clinical(self.path, self.mapping or None))
+        return self.table.copy()  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -397,23 +414,36 @@ class Study:
         return pd.DataFrame(rows, columns=["subject", "image", "mask", "manual_mask", "levels",
                                            "water", "fat", "contrast"])
 
-    def metrics_settings(self) -> Any:
-        """:class:`helpers.metrics.MetricsSettings` built from the ``metrics`` section."""
+    def _settings(self, name: str, build: Callable[[], Any]) -> Any:
+        """The settings object ``name``, built once per study (the study is frozen)."""
+        cache = self.__dict__.setdefault("_built_settings", {})
+        if name not in cache:
+            cache[name] = build()
+        return cache[name]
+
+    def metrics_settings(self) -> MetricsSettings:
+        """:class:`helpers.metrics.MetricsSettings` of the ``metrics`` section (built once)."""
         from helpers.metrics import MetricsSettings
 
-        return MetricsSettings.from_mapping(dict(self.metrics))
+        return self._settings("metrics", lambda: MetricsSettings.from_mapping(dict(self.metrics)))
 
-    def segment_settings(self) -> Any:
-        """:class:`helpers.segment.SegmentSettings` built from the ``segmentation`` section."""
+    def qc_settings(self) -> QCSettings:
+        """:class:`helpers.qc.QCSettings` of the ``qc`` section (built once)."""
+        from helpers.qc import QCSettings
+
+        return self._settings("qc", lambda: QCSettings.from_mapping(dict(self.qc)))
+
+    def segment_settings(self) -> SegmentSettings:
+        """:class:`helpers.segment.SegmentSettings` of the ``segmentation`` section (built once)."""
         from helpers.segment import SegmentSettings
 
-        return SegmentSettings(**_tuples(self.segmentation))
+        return self._settings("segment", lambda: SegmentSettings(**_tuples(self.segmentation)))
 
-    def executor_config(self) -> Any:
-        """:class:`helpers.executor.ExecutorConfig` built from the ``executor`` section."""
+    def executor_config(self) -> ExecutorConfig:
+        """:class:`helpers.executor.ExecutorConfig` of the ``executor`` section (built once)."""
         from helpers.executor import ExecutorConfig
 
-        return ExecutorConfig.from_mapping(dict(self.executor))
+        return self._settings("executor", lambda: ExecutorConfig.from_mapping(dict(self.executor)))
 
 
 # --------------------------------------------------------------------------------- loading
@@ -941,12 +971,12 @@ def _clinical(v: _Validator, spec: object) -> ClinicalSpec | None:
     from helpers.clinical import ClinicalMapping, load_clinical
 
     try:
-        load_clinical(path, ClinicalMapping.from_dict(mapping, where="clinical"))
+        table = load_clinical(path, ClinicalMapping.from_dict(mapping, where="clinical"))
     except ConfigError as exc:
         _fail_with_key(v, "clinical", exc)
     except EsmaError as exc:
         v.fail("clinical.path", str(exc))
-    return ClinicalSpec(path, mapping, skip)
+    return ClinicalSpec(path, mapping, skip, table)
 
 
 def _segmentation(v: _Validator, spec: object) -> dict[str, Any]:

@@ -7,6 +7,7 @@ ran in it.  Nothing here runs a notebook or measures a subject.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -14,8 +15,10 @@ import os
 import re
 import secrets
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -364,6 +367,55 @@ def read_stage_records(run_dir: str | Path) -> list[dict]:
 
 
 STATUS_COLUMNS = ["subject", "status", "seconds", "error"]
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """One subject's outcome in a stage: a row of the stage's status table.
+
+    Attributes
+    ----------
+    subject : str
+        Study ID.
+    status : str
+        ``computed``, ``reused``, ``given``, ``failed``, ``excluded`` (or a stage's own word).
+    seconds : float
+        Wall time (s) spent on the subject.
+    error : str
+        Why it failed (folders cut to file names, :func:`redact_paths`); empty otherwise.
+    """
+
+    subject: str
+    status: str
+    seconds: float = 0.0
+    error: str = ""
+
+    @classmethod
+    def from_outcome(cls, subject: str, outcome: Any) -> StatusRow:
+        """The row of a :class:`helpers.executor.TaskOutcome` whose value holds ``status`` and
+        ``seconds`` (a failed task: ``failed`` with its error, redacted)."""
+        if outcome.ok:
+            value = outcome.value
+            return cls(subject, str(value["status"]), float(value["seconds"]))
+        return cls(subject, "failed", float(outcome.seconds), redact_paths(outcome.error or "failed"))
+
+
+def status_table(rows: Iterable[StatusRow], order: Sequence[str] | None = None) -> pd.DataFrame:
+    """The stage's status table (:data:`STATUS_COLUMNS`), in ``order`` of subjects if given.
+
+    Examples
+    --------
+    >>> status_table([StatusRow("b", "reused"), StatusRow("a", "failed", 1.5, "bad")],
+    ...              order=["a", "b"]).to_dict("records")  # doctest: +NORMALIZE_WHITESPACE
+    [{'subject': 'a', 'status': 'failed', 'seconds': 1.5, 'error': 'bad'},
+     {'subject': 'b', 'status': 'reused', 'seconds': 0.0, 'error': ''}]
+    """
+    table = pd.DataFrame([dataclasses.astuple(r) for r in rows], columns=STATUS_COLUMNS)
+    table["seconds"] = table["seconds"].astype(float)
+    if order is not None:
+        rank = {k: i for i, k in enumerate(order)}
+        table = table.sort_values("subject", key=lambda c: c.map(rank), kind="stable")
+    return table.reset_index(drop=True)
 
 
 def study_header(study: Study, paths: RunPaths) -> str:

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from helpers.runs import StatusRow
+
 log = logging.getLogger(__name__)
 
 
@@ -20,9 +22,7 @@ def is_finished(out: Path, names: tuple[str, ...], key: dict[str, Any]) -> bool:
     return all(is_done(out / name, key) for name in names)
 
 
-def split_finished(
-    tasks: Mapping[str, Any], done: Any
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def split_finished(tasks: Mapping[str, Any], done: Any) -> tuple[list[StatusRow], dict[str, Any]]:
     """Split tasks into finished ones (status rows ``reused``) and the rest (to run).
 
     Checking in this process first means a re-run starts no worker pool for finished work.
@@ -35,14 +35,7 @@ def split_finished(
         except OSError:
             finished = False
         if finished:
-            rows.append(
-                {
-                    "subject": key,
-                    "status": "reused",
-                    "seconds": time.perf_counter() - t0,
-                    "error": "",
-                }
-            )
+            rows.append(StatusRow(key, "reused", time.perf_counter() - t0))
         else:
             todo[key] = task
     if rows:

@@ -17,12 +17,12 @@ import pandas as pd
 
 from helpers import __version__
 from helpers.config import Study
-from helpers.files import sha256_file
+from helpers.files import atomic_write_text, sha256_file
 from helpers.runs import (
-    STATUS_COLUMNS,
     RunPaths,
+    StatusRow,
     record_stage,
-    redact_paths,
+    status_table,
     write_failures,
 )
 from helpers.stages.cached import (
@@ -119,6 +119,33 @@ def _levels_for(study: Study, subject: str) -> str | None:
     return None if s.levels is None else str(s.levels)
 
 
+#: The measure stage's declared output in the run folder: one status row per measured subject.
+MEASURED_TABLE = "measured.csv"
+
+
+def read_measured(paths: RunPaths, subjects: Sequence[str]) -> pd.DataFrame | None:
+    """This run's measure-stage status of ``subjects`` (``measured.csv``), or None.
+
+    None when the run has no such table (its QC notebook did not run), in an interactive session
+    (an earlier session's table may predate the masks), or when it lacks one of ``subjects``:
+    the caller then measures them itself (:func:`measure_stage`, reusing finished ones).
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        subject, status (``computed`` / ``reused`` / ``failed``), seconds, error.
+    """
+    path = paths.file(MEASURED_TABLE)
+    if paths.interactive or not path.is_file():
+        return None
+    table = pd.read_csv(path, dtype={"subject": str, "error": str}, keep_default_na=False)
+    if set(subjects) - set(table["subject"]):
+        return None
+    table = table[table["subject"].isin(list(subjects))].reset_index(drop=True)
+    table["seconds"] = pd.to_numeric(table["seconds"], errors="coerce").fillna(0.0)
+    return table
+
+
 def measure_stage(
     study: Study,
     paths: RunPaths,
@@ -146,7 +173,9 @@ def measure_stage(
     Returns
     -------
     pandas.DataFrame
-        subject, status (``computed`` / ``reused`` / ``failed``), seconds, error.
+        subject, status (``computed`` / ``reused`` / ``failed``), seconds, error; the
+        ``measure`` stage also writes it as ``measured.csv`` (its declared output, which the
+        metrics stage reads instead of measuring again).
     """
     from helpers.executor import run_tasks
 
@@ -172,28 +201,10 @@ def measure_stage(
     outcomes = run_tasks(
         measure_subject, todo, study.executor_config(), desc=stage, progress=progress
     )
-    for key, o in outcomes.items():
-        if o.ok:
-            rows.append(
-                {
-                    "subject": key,
-                    "status": o.value["status"],
-                    "seconds": float(o.value["seconds"]),
-                    "error": "",
-                }
-            )
-        else:
-            rows.append(
-                {
-                    "subject": key,
-                    "status": "failed",
-                    "seconds": float(o.seconds),
-                    "error": redact_paths(o.error or "failed"),
-                }
-            )
-    order = {k: i for i, k in enumerate(tasks)}
-    table = pd.DataFrame(rows, columns=STATUS_COLUMNS)
-    table = table.sort_values("subject", key=lambda c: c.map(order)).reset_index(drop=True)
+    rows += [StatusRow.from_outcome(key, o) for key, o in outcomes.items()]
+    table = status_table(rows, order=list(tasks))
+    if stage == "measure":
+        atomic_write_text(paths.file(MEASURED_TABLE), table.to_csv(index=False))
     failed = table[table["status"] == "failed"]
     write_failures(paths, stage, failed[["subject", "error"]].assign(stage=stage))
     record_stage(paths, stage, table, time.perf_counter() - t0)

@@ -23,10 +23,11 @@ from helpers.errors import EsmaError
 from helpers.files import atomic_write_bytes, atomic_write_text, sha256_file
 from helpers.runs import (
     EXCLUDED_COLUMNS,
-    STATUS_COLUMNS,
     RunPaths,
+    StatusRow,
     record_stage,
     redact_paths,
+    status_table,
     write_excluded,
     write_failures,
 )
@@ -209,7 +210,7 @@ def qc_stage(
     t0 = time.perf_counter()
     measured = measure_stage(study, paths, segmentation, stage="measure", progress=progress)
     ok = segmentation[(segmentation["status"] != "failed") & (segmentation["mask"] != "")]
-    settings = qc.QCSettings.from_mapping(study.qc)
+    settings = study.qc_settings()
     tasks = {}
     for r in ok.itertuples(index=False):
         s = study.subject(str(r.subject))
@@ -228,26 +229,19 @@ def qc_stage(
         run_tasks(qc_subject, todo, study.executor_config(), desc="QC", progress=progress)
     )
     for row in reused:
-        task = tasks[row["subject"]]
+        task = tasks[row.subject]
         value = {
             "status": "reused",
-            "seconds": row["seconds"],
+            "seconds": row.seconds,
             "qc": str(Path(task.out_dir) / "qc.csv"),
             "mosaic": str(Path(task.out_dir) / "mosaic.png"),
         }
-        outcomes[row["subject"]] = TaskOutcome(row["subject"], True, value, None, row["seconds"])
+        outcomes[row.subject] = TaskOutcome(row.subject, True, value, None, row.seconds)
     outcomes = {k: outcomes[k] for k in tasks}
     frames, mosaics, status_rows = [], {}, []
     for key, o in outcomes.items():
+        status_rows.append(StatusRow.from_outcome(key, o))
         if not o.ok:
-            status_rows.append(
-                {
-                    "subject": key,
-                    "status": "failed",
-                    "seconds": o.seconds,
-                    "error": redact_paths(o.error or "failed"),
-                }
-            )
             frames.append(
                 pd.DataFrame(
                     [
@@ -265,14 +259,6 @@ def qc_stage(
                 )
             )
             continue
-        status_rows.append(
-            {
-                "subject": key,
-                "status": o.value["status"],
-                "seconds": o.value["seconds"],
-                "error": "",
-            }
-        )
         frames.append(pd.read_csv(o.value["qc"], dtype={"subject": str, "level": str}))
         if o.value.get("mosaic"):
             target = paths.qc_dir / "mosaics" / f"{key}.png"
@@ -293,7 +279,7 @@ def qc_stage(
     atomic_write_text(paths.file("qc_summary.csv"), summary.to_csv(index=False))
     # issue 16: a QC task that could not run (disk full, killed worker) is a failure of the
     # run, listed in failures_qc.csv, never a decision about the subject: no row is seeded.
-    could_not_run = [r["subject"] for r in status_rows if r["status"] == "failed"]
+    could_not_run = [r.subject for r in status_rows if r.status == "failed"]
     decisions = qc.init_decisions(
         summary[~summary["subject"].isin(could_not_run)],
         paths.decisions,
@@ -301,9 +287,10 @@ def qc_stage(
     )
     atomic_write_text(paths.file("qc_decisions.csv"), decisions.to_csv(index=False))
     excluded = current_exclusions(study, paths)
+    write_excluded(paths, excluded)
     shown = ["subject", "decision", "reviewer"] + (["stale"] if "stale" in decisions else [])
     summary = summary.merge(decisions[shown], on="subject", how="left")
-    status = pd.DataFrame(status_rows, columns=STATUS_COLUMNS)
+    status = status_table(status_rows)
     write_failures(paths, "qc", status.loc[status["status"] == "failed", ["subject", "error"]])
     record_stage(paths, "qc", status, time.perf_counter() - t0)
     return QCOutputs(table, summary, decisions, excluded, mosaics, measured)
@@ -333,21 +320,22 @@ def _decision_inputs(tasks: Mapping[str, QCTask]) -> dict[str, str]:
 
 
 def current_exclusions(study: Study, paths: RunPaths) -> pd.DataFrame:
-    """Subjects of this study that the reviewer's decisions file excludes (written to the run).
+    """Subjects of this study that the reviewer's decisions file excludes (a read; writes nothing).
+
+    The QC and metrics stages write it to their run as ``excluded_qc.csv``
+    (:func:`helpers.runs.write_excluded`).
 
     Returns
     -------
     pandas.DataFrame
-        subject, reason, source (``qc decision``); also written as ``excluded_qc.csv``.
+        subject, reason, source (``qc decision``).
     """
     from helpers import qc
 
     table = qc.excluded_subjects(paths.decisions, missing_ok=True)
     table = table[table["subject"].isin(study.subject_ids)].copy()
     table["source"] = "qc decision"
-    table = table.reindex(columns=EXCLUDED_COLUMNS).reset_index(drop=True)
-    write_excluded(paths, table)
-    return table
+    return table.reindex(columns=EXCLUDED_COLUMNS).reset_index(drop=True)
 
 
 def mosaic_gallery(
@@ -373,8 +361,9 @@ def mosaic_gallery(
     status = {}
     if summary is not None and len(summary):
         status = dict(zip(summary["subject"].astype(str), summary["status"], strict=False))
-    rank = {"fail": 0, "flag": 1, "pass": 2}
-    ordered = sorted(mosaics, key=lambda x: (rank.get(status.get(x, ""), 3), x))
+    from helpers.qc import severity_rank
+
+    ordered = sorted(mosaics, key=lambda x: (-severity_rank(status.get(x, "")), x))
     shown, rest = ordered[:max_images], ordered[max_images:]
     parts = []
     for subject in shown:

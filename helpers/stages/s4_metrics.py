@@ -15,7 +15,11 @@ from helpers.config import Study
 from helpers.files import atomic_write_text
 from helpers.runs import (
     RunPaths,
+    StatusRow,
     record_stage,
+    status_table,
+    write_excluded,
+    write_failures,
 )
 from helpers.stages.s1_segment import (
     read_segmentation,
@@ -23,6 +27,7 @@ from helpers.stages.s1_segment import (
 from helpers.stages.s2_measure import (
     load_measurements,
     measure_stage,
+    read_measured,
 )
 from helpers.stages.s3_qc import (
     current_exclusions,
@@ -55,18 +60,23 @@ class MetricsOutputs:
 def metrics_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> MetricsOutputs:
     """The cohort's metrics and asymmetry tables, honouring the reviewer's QC decisions.
 
-    Subjects are measured through the study's executor (finished ones are reused from the work
-    folder), then concatenated into ``metrics.csv`` and ``asymmetry.csv``.  When the clinical
+    The subjects' measurements are the measure stage's (``measured.csv`` of this run, written
+    by the QC notebook: each subject is measured once per run, and listed here as ``reused``);
+    without it they are measured through the study's executor (finished ones are reused from
+    the work folder).  They are then concatenated into ``metrics.csv`` and ``asymmetry.csv``.  When the clinical
     data give each subject's convex side, the convex-vs-concave indices (``cdi_cc``, ...) are
     added to ``asymmetry.csv``.
     """
     t0 = time.perf_counter()
     segmentation = read_segmentation(paths)
     excluded = current_exclusions(study, paths)
+    write_excluded(paths, excluded)
     keep = [s for s in segmentation["subject"] if s not in set(excluded["subject"])]
-    measured = measure_stage(
-        study, paths, segmentation, subjects=keep, stage="metrics", progress=progress
-    )
+    measured = _from_measure_stage(paths, segmentation, keep)
+    if measured is None:  # this run's QC notebook did not measure them: measure (or reuse) now
+        measured = measure_stage(
+            study, paths, segmentation, subjects=keep, stage="metrics", progress=progress
+        )
     done = measured.loc[measured["status"] != "failed", "subject"].tolist()
     metrics, asymmetry = load_measurements(paths, done)
     asymmetry = _add_convex_concave(study, asymmetry)
@@ -86,13 +96,37 @@ def metrics_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> Me
     return MetricsOutputs(metrics, asymmetry, status, excluded)
 
 
+def _from_measure_stage(
+    paths: RunPaths, segmentation: pd.DataFrame, keep: list[str]
+) -> pd.DataFrame | None:
+    """The metrics stage's status rows from this run's ``measured.csv`` (None: not usable).
+
+    A subject measured there is ``reused`` here; one whose measurement failed is a failure of
+    this stage too (``failures_metrics.csv``), as when the stage measured it itself.
+    """
+    with_mask = segmentation[(segmentation["status"] != "failed") & (segmentation["mask"] != "")]
+    subjects = [s for s in with_mask["subject"] if s in set(keep)]
+    measured = read_measured(paths, subjects)
+    if measured is None:
+        return None
+    rows = [
+        StatusRow(r.subject, "failed", float(r.seconds), r.error)
+        if r.status == "failed"
+        else StatusRow(r.subject, "reused")
+        for r in measured.itertuples(index=False)
+    ]
+    table = status_table(rows, order=subjects)
+    failed = table[table["status"] == "failed"]
+    write_failures(paths, "metrics", failed[["subject", "error"]].assign(stage="metrics"))
+    return table
+
+
 def _add_convex_concave(study: Study, asymmetry: pd.DataFrame) -> pd.DataFrame:
     if study.clinical is None or asymmetry.empty:
         return asymmetry
-    from helpers.clinical import load_clinical
     from helpers.metrics import to_convex_concave
 
-    clinical = load_clinical(study.clinical.path, study.clinical.mapping or None)
+    clinical = study.clinical.data()  # read once, when the study was loaded
     if "convex_side" not in clinical.columns:
         return asymmetry
     sides = {

@@ -56,7 +56,6 @@ def statistics_stage(study: Study, paths: RunPaths) -> StatsOutputs:
     ``esma_tables.xlsx``.
     """
     from helpers import report, stats
-    from helpers.clinical import load_clinical
     from helpers.scores import score_clinical
 
     if study.clinical is None:
@@ -65,7 +64,7 @@ def statistics_stage(study: Study, paths: RunPaths) -> StatsOutputs:
     t0 = time.perf_counter()
     spec = study.statistics
     asymmetry = stats.load_asymmetry(paths.upstream("asymmetry.csv"))
-    clinical = load_clinical(study.clinical.path, study.clinical.mapping or None)
+    clinical = study.clinical.data()  # read once, when the study was loaded
     scores, skipped = score_clinical(clinical, skip_invalid=study.clinical.skip_invalid)
     clinical_failures = _skipped_as_failures(skipped)
     write_failures(paths, "clinical", clinical_failures)
