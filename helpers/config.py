@@ -990,7 +990,7 @@ def _segmentation(v: _Validator, spec: object) -> dict[str, Any]:
     try:
         SegmentSettings(**_tuples(options))
     except (EsmaError, ValueError, TypeError) as exc:
-        _fail_with_key(v, "segmentation", exc, names)
+        _fail_with_key(v, "segmentation", exc)
     return options
 
 
@@ -1026,26 +1026,20 @@ def _delegate(
     return options
 
 
-def _fail_with_key(
-    v: _Validator, key: str, exc_or_text: Exception | str, fields: Sequence[str] = ()
-) -> None:
+def _fail_with_key(v: _Validator, key: str, exc_or_text: Exception | str) -> None:
     """Re-raise another module's error under the study file's name and the full key.
 
-    A :class:`helpers.validate.SettingError` carries its key; the message parsing below is
-    only for modules whose settings do not raise it yet (metrics, dixon).
-
-    ``fat_method: 'x' is not ...`` from the metrics module becomes
-    ``study.yml: metrics.fat_method: 'x' is not ...``; a message that already starts with the
-    section (``executor.kind: ...``) keeps its key; any other message is put under ``key``.
+    A :class:`helpers.validate.SettingError` (executor, qc, segmentation settings) carries its
+    key: ``min_dice`` of section ``qc`` becomes ``study.yml: qc.min_dice: ...``.  The message
+    parsing below is only for the modules whose settings do not raise it yet (metrics, dixon,
+    the clinical mapping): ``fat_method: 'x' is not ...`` becomes
+    ``study.yml: metrics.fat_method: 'x' is not ...``; any other message is put under ``key``.
     """
     if isinstance(exc_or_text, SettingError):  # the key travels with the error: no parsing
         sub = exc_or_text.key
         v.fail(sub if sub == key or sub.startswith(key + ".") else f"{key}.{sub}",
                " ".join(exc_or_text.problem.split()))
     text = " ".join(str(exc_or_text).split())
-    for name in fields:  # "device must be ..." -> key segmentation.device
-        if text.startswith(f"{name} "):
-            v.fail(f"{key}.{name}", text[len(name) + 1 :])
     head, sep, rest = text.partition(": ")
     head = head.strip()
     if sep and head and " " not in head and "/" not in head and not head.endswith(")"):

@@ -52,6 +52,7 @@ from helpers.labels import Label, LabelTable, lateralization_table
 from helpers.nifti import Volume, check_same_grid
 from helpers.nifti import slice_axis as _slice_axis
 from helpers.overlap import dice
+from helpers.validate import SettingError, did_you_mean
 
 __all__ = [
     "ALL_LEVELS",
@@ -291,7 +292,7 @@ class QCSettings:
         >>> QCSettings.from_mapping({"min_dise": 0.7})
         Traceback (most recent call last):
         ...
-        helpers.errors.ConfigError: qc.min_dise: unknown key; known keys: ...
+        helpers.validate.SettingError: qc.min_dise: unknown key (did you mean 'min_dice'?); known keys: ...
         """
         if mapping is None:
             return cls()
@@ -302,8 +303,9 @@ class QCSettings:
         values: dict[str, Any] = {}
         for key, value in mapping.items():
             if key not in known:
-                msg = f"{where}.{key}: unknown key; known keys: {', '.join(sorted(known))}"
-                raise ConfigError(msg)
+                msg = f"unknown key{did_you_mean(key, known)}; known keys: {', '.join(sorted(known))}"
+                setting = f"{where}.{key}"
+                raise SettingError(setting, msg)
             default = getattr(cls, key)
             if (
                 isinstance(default, float)
@@ -354,22 +356,22 @@ def _validate_setting(key: str, value: Any, where: str) -> None:
     if key in _CHOICES:
         if value not in _CHOICES[key]:
             allowed = ", ".join(repr(c) for c in _CHOICES[key])
-            msg = f"{name}: {value!r} is not one of {allowed}"
-            raise ConfigError(msg)
+            msg = f"{value!r} is not one of {allowed}"
+            raise SettingError(name, msg)
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
-        msg = f"{name}: expected a number, got {value!r}"
-        raise ConfigError(msg)
+        msg = f"expected a number, got {value!r}"
+        raise SettingError(name, msg)
     if isinstance(default, int) and not isinstance(value, int):
-        msg = f"{name}: expected a whole number, got {value!r}"
-        raise ConfigError(msg)
+        msg = f"expected a whole number, got {value!r}"
+        raise SettingError(name, msg)
     if not math.isfinite(value) and key != "robust_z_threshold":
-        msg = f"{name}: expected a finite number, got {value!r}"
-        raise ConfigError(msg)
+        msg = f"expected a finite number, got {value!r}"
+        raise SettingError(name, msg)
     lo, hi = _RANGES[key]
     if not lo <= value <= hi:
-        msg = f"{name}: {value!r} is outside the allowed range [{lo}, {hi}]"
-        raise ConfigError(msg)
+        msg = f"{value!r} is outside the allowed range [{lo}, {hi}]"
+        raise SettingError(name, msg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ from helpers.files import atomic_write_text, is_done, mark_done, sha256_file
 from helpers.labels import Label, LabelTable, load_labels, parse_labels
 from helpers.nifti import Volume, load_image, save_like, slice_axis, subject_from_filename
 from helpers.nnunet_runtime import available_cores, find_trainer_class, runtime_versions
+from helpers.validate import SettingError
 
 __all__ = [
     "FAST_STEP_SIZE",
@@ -154,22 +155,27 @@ class SegmentSettings:
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps"):
-            msg = f"device must be auto, cpu, cuda or mps, got {self.device!r}"
-            raise ConfigError(msg)
+            msg = f"must be auto, cpu, cuda or mps, got {self.device!r}"
+            setting = "device"
+            raise SettingError(setting, msg)
         if self.step_size is not None and not 0 < float(self.step_size) <= 1:
-            msg = f"step_size must lie in (0, 1], got {self.step_size!r}"
-            raise ConfigError(msg)
+            msg = f"must lie in (0, 1], got {self.step_size!r}"
+            setting = "step_size"
+            raise SettingError(setting, msg)
         if self.num_threads is not None and int(self.num_threads) < 1:
-            msg = f"num_threads must be at least 1, got {self.num_threads!r}"
-            raise ConfigError(msg)
+            msg = f"must be at least 1, got {self.num_threads!r}"
+            setting = "num_threads"
+            raise SettingError(setting, msg)
         if self.folds is not None:
             if len(self.folds) == 0:
-                msg = "folds must name at least one fold"
-                raise ConfigError(msg)
+                msg = "must name at least one fold"
+                setting = "folds"
+                raise SettingError(setting, msg)
             for f in self.folds:
                 if f != "all" and not (isinstance(f, int) and f >= 0):
-                    msg = f"folds must be non-negative integers or 'all', got {f!r}"
-                    raise ConfigError(msg)
+                    msg = f"must be non-negative integers or 'all', got {f!r}"
+                    setting = "folds"
+                    raise SettingError(setting, msg)
 
     @classmethod
     def fast_preset(cls, **overrides: Any) -> SegmentSettings:

@@ -11,11 +11,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from helpers import __version__
 from helpers.config import Study
 from helpers.files import atomic_write_text, sha256_file
 from helpers.runs import (
@@ -27,11 +26,16 @@ from helpers.runs import (
 )
 from helpers.stages.cached import (
     is_finished,
+    mark_finished,
     split_finished,
+    task_key,
 )
 from helpers.stages.s1_segment import (
     labels_for,
 )
+
+if TYPE_CHECKING:
+    from helpers.metrics import MetricsSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ class MeasureTask:
     mask: str
     labels: str
     levels: str | None
-    settings: dict[str, Any]
+    settings: MetricsSettings
     out_dir: str
     water: str | None = None  # a Dixon pair (issue 18): fat from F / (W + F)
     fat: str | None = None
@@ -68,15 +72,14 @@ def measure_subject(task: MeasureTask) -> dict[str, Any]:
     dict
         status (``computed`` / ``reused``) and seconds.
     """
-    from helpers.files import mark_done
-    from helpers.metrics import MetricsSettings, measure_files, write_result
+    from helpers.metrics import measure_files, write_result
 
     t0 = time.perf_counter()
     out = Path(task.out_dir)
     key = _measure_key(task)
     if is_finished(out, _MEASURE_OUTPUTS, key):
         return {"status": "reused", "seconds": time.perf_counter() - t0}
-    settings = MetricsSettings.from_mapping(dict(task.settings))
+    settings = task.settings
     if task.water is not None:
         result = _measure_dixon_task(task, settings)
     else:
@@ -89,8 +92,7 @@ def measure_subject(task: MeasureTask) -> dict[str, Any]:
             levels_path=task.levels,
         )
     write_result(result, out)
-    for name in _MEASURE_OUTPUTS:
-        mark_done(out / name, key)
+    mark_finished(out, _MEASURE_OUTPUTS, key)
     return {"status": "computed", "seconds": time.perf_counter() - t0}
 
 
@@ -100,15 +102,8 @@ def measure_done(task: MeasureTask) -> bool:
 
 
 def _measure_key(task: MeasureTask) -> dict[str, Any]:
-    key = {
-        "esma": __version__,
-        "settings": task.settings,
-        "image": sha256_file(task.image),
-        "mask": sha256_file(task.mask),
-        "labels": sha256_file(task.labels),
-        "levels": sha256_file(task.levels) if task.levels else None,
-        "subject": task.subject,
-    }
+    files = {"image": task.image, "mask": task.mask, "labels": task.labels, "levels": task.levels}
+    key = task_key(files, settings=task.settings.to_dict(), subject=task.subject)
     if task.water is not None and task.fat is not None:
         key.update(_dixon_key(task))
     return key
@@ -183,7 +178,7 @@ def measure_stage(
     ok = segmentation[(segmentation["status"] != "failed") & (segmentation["mask"] != "")]
     if subjects is not None:
         ok = ok[ok["subject"].isin(list(subjects))]
-    settings = dict(study.metrics)
+    settings = study.metrics_settings()
     tasks = {
         str(r.subject): MeasureTask(
             subject=str(r.subject),

@@ -13,14 +13,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from helpers import __version__
 from helpers.config import Study
 from helpers.errors import EsmaError
-from helpers.files import atomic_write_bytes, atomic_write_text, sha256_file
+from helpers.files import atomic_write_bytes, atomic_write_text
 from helpers.runs import (
     EXCLUDED_COLUMNS,
     RunPaths,
@@ -33,7 +32,9 @@ from helpers.runs import (
 )
 from helpers.stages.cached import (
     is_finished,
+    mark_finished,
     split_finished,
+    task_key,
 )
 from helpers.stages.s1_segment import (
     labels_for,
@@ -43,6 +44,9 @@ from helpers.stages.s2_measure import (
     load_measurements,
     measure_stage,
 )
+
+if TYPE_CHECKING:
+    from helpers.qc import QCSettings
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +92,19 @@ class QCTask:
     manual: str | None
     labels: str
     levels: str | None
-    settings: dict[str, Any]
+    settings: QCSettings
     out_dir: str
 
 
 def _qc_key(task: QCTask) -> dict[str, Any]:
-    return {
-        "esma": __version__,
-        "settings": task.settings,
-        "image": sha256_file(task.image),
-        "mask": sha256_file(task.mask),
-        "manual": sha256_file(task.manual) if task.manual else None,
-        "labels": sha256_file(task.labels),
-        "levels": sha256_file(task.levels) if task.levels else None,
+    files = {
+        "image": task.image,
+        "mask": task.mask,
+        "manual": task.manual,
+        "labels": task.labels,
+        "levels": task.levels,
     }
+    return task_key(files, settings=task.settings.to_dict())
 
 
 def qc_done(task: QCTask) -> bool:
@@ -121,7 +124,6 @@ def qc_subject(task: QCTask) -> dict[str, Any]:
         status (``computed`` / ``reused``), seconds, ``qc`` (path of the rows), ``mosaic``.
     """
     from helpers import qc
-    from helpers.files import mark_done
     from helpers.labels import load_labels
     from helpers.metrics import read_levels
     from helpers.nifti import check_same_grid, load_image, load_mask
@@ -133,7 +135,7 @@ def qc_subject(task: QCTask) -> dict[str, Any]:
     result = {"qc": str(rows_csv), "mosaic": str(mosaic)}
     if is_finished(out, _QC_OUTPUTS, key):
         return {"status": "reused", "seconds": time.perf_counter() - t0, **result}
-    settings = qc.QCSettings.from_mapping(task.settings)
+    settings = task.settings
     labels = load_labels(task.labels)
     levels = read_levels(task.levels, task.subject) if task.levels else None
     try:
@@ -187,18 +189,23 @@ def qc_subject(task: QCTask) -> dict[str, Any]:
         convention=settings.convention,
     )
     atomic_write_text(rows_csv, rows.to_csv(index=False))
-    mark_done(rows_csv, key)
-    mark_done(mosaic, key)
+    mark_finished(out, _QC_OUTPUTS, key)
     return {"status": "computed", "seconds": time.perf_counter() - t0, **result}
 
 
 def qc_stage(
-    study: Study, paths: RunPaths, segmentation: pd.DataFrame, *, progress: bool = True
+    study: Study,
+    paths: RunPaths,
+    segmentation: pd.DataFrame,
+    measured: pd.DataFrame | None = None,
+    *,
+    progress: bool = True,
 ) -> QCOutputs:
     """Quality control of the segmentations: checks, mosaics, qc.csv and the decisions file.
 
-    The subjects are measured first (:func:`measure_stage`, reused when finished) because the
-    cohort outlier checks compare their areas and fat.  Per-subject checks and overlay mosaics
+    The cohort outlier checks compare the subjects' areas and fat: ``measured`` is the measure
+    stage's table (:func:`helpers.stages.s2_measure.measure_stage`); when None the stage runs
+    here first.  Per-subject checks and overlay mosaics
     run through the study's executor and are kept in the work folder (``work/qc``), reused by
     later runs.  The reviewer's decisions file (``<output>/qc_decisions.csv``) gets a row for
     every subject it does not list yet (QC's suggestion: ``exclude`` on ``fail``); rows already
@@ -208,7 +215,8 @@ def qc_stage(
     from helpers.executor import TaskOutcome, run_tasks
 
     t0 = time.perf_counter()
-    measured = measure_stage(study, paths, segmentation, stage="measure", progress=progress)
+    if measured is None:
+        measured = measure_stage(study, paths, segmentation, stage="measure", progress=progress)
     ok = segmentation[(segmentation["status"] != "failed") & (segmentation["mask"] != "")]
     settings = study.qc_settings()
     tasks = {}
@@ -221,7 +229,7 @@ def qc_stage(
             manual=None if s.manual_mask is None else str(s.manual_mask),
             labels=labels_for(study, paths, str(r.status)),
             levels=None if s.levels is None else str(s.levels),
-            settings=settings.to_dict(),
+            settings=settings,
             out_dir=str(paths.work_dir / "qc" / s.subject),
         )
     reused, todo = split_finished(tasks, qc_done)
