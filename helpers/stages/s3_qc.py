@@ -112,6 +112,23 @@ def qc_done(task: QCTask) -> bool:
     return is_finished(Path(task.out_dir), _QC_OUTPUTS, _qc_key(task))
 
 
+def _input_failure(subject: str, reason: str) -> pd.DataFrame:
+    """The one ``qc.csv`` row of a subject whose QC could not look at its files: ``input`` fail."""
+    from helpers import qc
+
+    row = {
+        "subject": subject,
+        "level": qc.ALL_LEVELS,
+        "muscle": "",
+        "side": "",
+        "check": "input",
+        "status": "fail",
+        "value": float("nan"),
+        "reason": reason,
+    }
+    return pd.DataFrame([row], columns=list(qc.QC_COLUMNS))
+
+
 def qc_subject(task: QCTask) -> dict[str, Any]:
     """QC one subject into its work folder (``qc.csv`` + ``mosaic.png``), or reuse it.
 
@@ -155,21 +172,7 @@ def qc_subject(task: QCTask) -> dict[str, Any]:
         # unreadable or off-grid files: one failing QC row naming the file, not a crash
         path = getattr(exc, "path", None)
         reason = f"{Path(path).name}: {exc.problem}" if path is not None else str(exc)
-        rows = pd.DataFrame(
-            [
-                {
-                    "subject": task.subject,
-                    "level": qc.ALL_LEVELS,
-                    "muscle": "",
-                    "side": "",
-                    "check": "input",
-                    "status": "fail",
-                    "value": float("nan"),
-                    "reason": reason,
-                }
-            ],
-            columns=list(qc.QC_COLUMNS),
-        )
+        rows = _input_failure(task.subject, reason)
         atomic_write_text(rows_csv, rows.to_csv(index=False))
         return {
             "status": "computed",
@@ -250,22 +253,7 @@ def qc_stage(
     for key, o in outcomes.items():
         status_rows.append(StatusRow.from_outcome(key, o))
         if not o.ok:
-            frames.append(
-                pd.DataFrame(
-                    [
-                        {
-                            "subject": key,
-                            "level": qc.ALL_LEVELS,
-                            "muscle": "",
-                            "side": "",
-                            "check": "input",
-                            "status": "fail",
-                            "value": float("nan"),
-                            "reason": redact_paths(f"QC could not run: {o.error}"),
-                        }
-                    ]
-                )
-            )
+            frames.append(_input_failure(key, redact_paths(f"QC could not run: {o.error}")))
             continue
         frames.append(pd.read_csv(o.value["qc"], dtype={"subject": str, "level": str}))
         if o.value.get("mosaic"):
