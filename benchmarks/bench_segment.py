@@ -45,8 +45,8 @@ import numpy as np
 from helpers.files import atomic_write_text
 from helpers.labels import load_labels
 from helpers.nifti import subject_from_filename
+from helpers.overlap import dice_per_label
 from helpers.segment import load_model
-from helpers.training import dice_per_label
 from helpers.trainset import make_training_set
 
 REPO = Path(__file__).resolve().parents[1]

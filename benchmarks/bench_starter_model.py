@@ -45,9 +45,10 @@ from helpers.errors import InputFileError
 from helpers.files import atomic_write_text
 from helpers.labels import load_labels
 from helpers.nifti import save_like, subject_from_filename
+from helpers.overlap import dice_per_label
 from helpers.segment import SegmentSettings, load_model, segment_cohort
 from helpers.synthseg import HELDOUT_SPEC, CaseJob, make_case
-from helpers.training import dice_per_label, evaluate_masks
+from helpers.training import evaluate_masks
 
 REPO = Path(__file__).resolve().parents[1]
 STARTER = REPO / "data" / "starter_model" / "esma_starter_model.zip"

@@ -18,7 +18,12 @@ synthetic  phantoms and cohorts with planted truth (synthetic_dixon: as water/fa
 scores     ODI, SRS-22r, VAS, JOA from item-level answers
 stats      Table 1, correlations, FDR, agreement
 segment    nnU-Net v2 prediction
-pipeline   papermill runner and reports
+config     the validated study (one source of truth for settings)
+runs       run bookkeeping: folders, IDs, exit codes, failures, stage records
+stages     the pipeline's stages in order: s0_ingest, s1_segment, s2_measure, s3_qc,
+           s4_metrics, s5_statistics (what the notebooks call)
+provenance manifest.json and index.html of a run
+runner     papermill: executes the four notebooks of a run
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -199,30 +199,18 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from helpers.clinical import write_table
-    from helpers.stats import (
-        StatsInputError,
-        correlation_table,
-        interaction_table,
-        load_asymmetry,
-        load_scores,
-        match_subjects,
-        table1,
-    )
+    from helpers.stats import StatsInputError, analyse, load_asymmetry, load_scores
 
     asymmetry = load_asymmetry(args.asymmetry)
     scores = load_scores(args.scores)
     covariates = tuple(c.strip() for c in args.covariates.split(",") if c.strip())
     try:
-        _, unmatched = match_subjects(asymmetry, scores)
-        correlations = correlation_table(
-            asymmetry, scores, covariates=covariates, family=args.family
-        )
-        interactions = interaction_table(asymmetry, scores, covariates=covariates)
-        analysed = scores[scores["subject"].isin(set(asymmetry["subject"]))]
-        descriptive = table1(analysed)
+        result = analyse(asymmetry, scores, covariates=covariates, family=args.family)
     except StatsInputError as exc:
         msg = f"{args.asymmetry}, {args.scores}: {exc}"
         raise EsmaError(msg) from exc
+    correlations, interactions = result.correlations, result.interactions
+    descriptive, unmatched = result.table1, result.unmatched
     write_table(correlations, args.out / "correlations.csv")
     write_table(interactions, args.out / "interactions.csv")
     write_table(descriptive, args.out / "table1.csv")
@@ -375,7 +363,7 @@ def _report_run(result: Any) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from helpers.pipeline import run_study
+    from helpers.runner import run_study
 
     result = run_study(args.study, progress=not args.quiet, stream_output=args.show_output)
     return _report_run(result)
@@ -468,7 +456,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _ingest_study(args: argparse.Namespace) -> int:
     from helpers.config import load_study
-    from helpers.pipeline import ingest_stage, ingest_summary
+    from helpers.stages.s0_ingest import ingest_stage, ingest_summary
 
     defaults = {"dicom_dir": None, "out": None, "key": None, "secret_file": None,
                 "allow_fat_suppressed": False, "allow_windowed": False, "max_axial_angle": 30.0,

@@ -70,20 +70,20 @@ With ``ingest:`` the cohort is what the ingest wrote (``<out>/ingest.csv``, rows
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import glob
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
 
 from helpers.errors import ConfigError, EsmaError
 from helpers.nifti import subject_from_filename
+from helpers.validate import SettingError, did_you_mean
 
 __all__ = [
     "ASYMMETRY_INDICES",
@@ -98,6 +98,12 @@ __all__ = [
     "parse_study",
     "resolved_document",
 ]
+
+if TYPE_CHECKING:  # the settings classes live with the stage that uses them
+    from helpers.executor import ExecutorConfig
+    from helpers.metrics import MetricsSettings
+    from helpers.qc import QCSettings
+    from helpers.segment import SegmentSettings
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +224,22 @@ class ClinicalSpec:
         :func:`helpers.clinical.load_clinical`; empty for a file in the standard layout.
     skip_invalid : bool
         Score the valid rows and list the invalid ones (default) instead of stopping the run.
+    table : pandas.DataFrame or None
+        The file as read when the study was validated (the one read of it per process).
     """
 
     path: Path
     mapping: dict[str, Any] = field(default_factory=dict)
     skip_invalid: bool = True
+    table: pd.DataFrame | None = field(default=None, compare=False, repr=False)
+
+    def data(self) -> pd.DataFrame:
+        """The clinical table in the standard layout (a copy of the one read; read if none)."""
+        if self.table is None:
+            from helpers.clinical import load_clinical
+
+            object.__setattr__(self, "table", load_clinical(self.path, self.mapping or None))
+        return self.table.copy()  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -356,6 +373,11 @@ class Study:
         return any(s.mask is not None for s in self.subjects)
 
     @property
+    def contrasts(self) -> dict[str, str]:
+        """Subject -> its contrast (``T2w``, ``T1w``, ``dixon``), in cohort order."""
+        return {s.subject: s.contrast for s in self.subjects}
+
+    @property
     def work_dir(self) -> Path:
         """Per-stage work folder shared by every run (segmentations, per-subject metrics)."""
         return self.output / "work"
@@ -392,23 +414,36 @@ class Study:
         return pd.DataFrame(rows, columns=["subject", "image", "mask", "manual_mask", "levels",
                                            "water", "fat", "contrast"])
 
-    def metrics_settings(self) -> Any:
-        """:class:`helpers.metrics.MetricsSettings` built from the ``metrics`` section."""
+    def _settings(self, name: str, build: Callable[[], Any]) -> Any:
+        """The settings object ``name``, built once per study (the study is frozen)."""
+        cache = self.__dict__.setdefault("_built_settings", {})
+        if name not in cache:
+            cache[name] = build()
+        return cache[name]
+
+    def metrics_settings(self) -> MetricsSettings:
+        """:class:`helpers.metrics.MetricsSettings` of the ``metrics`` section (built once)."""
         from helpers.metrics import MetricsSettings
 
-        return MetricsSettings.from_mapping(dict(self.metrics))
+        return self._settings("metrics", lambda: MetricsSettings.from_mapping(dict(self.metrics)))
 
-    def segment_settings(self) -> Any:
-        """:class:`helpers.segment.SegmentSettings` built from the ``segmentation`` section."""
+    def qc_settings(self) -> QCSettings:
+        """:class:`helpers.qc.QCSettings` of the ``qc`` section (built once)."""
+        from helpers.qc import QCSettings
+
+        return self._settings("qc", lambda: QCSettings.from_mapping(dict(self.qc)))
+
+    def segment_settings(self) -> SegmentSettings:
+        """:class:`helpers.segment.SegmentSettings` of the ``segmentation`` section (built once)."""
         from helpers.segment import SegmentSettings
 
-        return SegmentSettings(**_tuples(self.segmentation))
+        return self._settings("segment", lambda: SegmentSettings(**_tuples(self.segmentation)))
 
-    def executor_config(self) -> Any:
-        """:class:`helpers.executor.ExecutorConfig` built from the ``executor`` section."""
+    def executor_config(self) -> ExecutorConfig:
+        """:class:`helpers.executor.ExecutorConfig` of the ``executor`` section (built once)."""
         from helpers.executor import ExecutorConfig
 
-        return ExecutorConfig.from_mapping(dict(self.executor))
+        return self._settings("executor", lambda: ExecutorConfig.from_mapping(dict(self.executor)))
 
 
 # --------------------------------------------------------------------------------- loading
@@ -597,7 +632,7 @@ class _Validator:
             if k not in allowed:
                 where = f"{key}.{k}" if key else k
                 self.fail(
-                    where, f"unknown key{_did_you_mean(k, allowed)}; allowed: " + ", ".join(allowed)
+                    where, f"unknown key{did_you_mean(k, allowed)}; allowed: " + ", ".join(allowed)
                 )
         for k in required:
             if mapping.get(k) is None:
@@ -936,12 +971,12 @@ def _clinical(v: _Validator, spec: object) -> ClinicalSpec | None:
     from helpers.clinical import ClinicalMapping, load_clinical
 
     try:
-        load_clinical(path, ClinicalMapping.from_dict(mapping, where="clinical"))
+        table = load_clinical(path, ClinicalMapping.from_dict(mapping, where="clinical"))
     except ConfigError as exc:
-        _fail_with_key(v, "clinical", str(exc))
+        _fail_with_key(v, "clinical", exc)
     except EsmaError as exc:
         v.fail("clinical.path", str(exc))
-    return ClinicalSpec(path, mapping, skip)
+    return ClinicalSpec(path, mapping, skip, table)
 
 
 def _segmentation(v: _Validator, spec: object) -> dict[str, Any]:
@@ -955,7 +990,7 @@ def _segmentation(v: _Validator, spec: object) -> dict[str, Any]:
     try:
         SegmentSettings(**_tuples(options))
     except (EsmaError, ValueError, TypeError) as exc:
-        _fail_with_key(v, "segmentation", str(exc), names)
+        _fail_with_key(v, "segmentation", exc)
     return options
 
 
@@ -987,21 +1022,24 @@ def _delegate(
     except ImportError as exc:  # pragma: no cover - every stage module ships with esma
         log.debug("%s: not validated (%s)", key, exc)
     except (EsmaError, ValueError, TypeError, KeyError) as exc:
-        _fail_with_key(v, key, str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+        _fail_with_key(v, key, str(exc.args[0]) if isinstance(exc, KeyError) else exc)
     return options
 
 
-def _fail_with_key(v: _Validator, key: str, text: str, fields: Sequence[str] = ()) -> None:
-    """Re-raise another module's message under the study file's name and the full key.
+def _fail_with_key(v: _Validator, key: str, exc_or_text: Exception | str) -> None:
+    """Re-raise another module's error under the study file's name and the full key.
 
-    ``fat_method: 'x' is not ...`` from the metrics module becomes
-    ``study.yml: metrics.fat_method: 'x' is not ...``; a message that already starts with the
-    section (``executor.kind: ...``) keeps its key; any other message is put under ``key``.
+    A :class:`helpers.validate.SettingError` (executor, qc, segmentation settings) carries its
+    key: ``min_dice`` of section ``qc`` becomes ``study.yml: qc.min_dice: ...``.  The message
+    parsing below is only for the modules whose settings do not raise it yet (metrics, dixon,
+    the clinical mapping): ``fat_method: 'x' is not ...`` becomes
+    ``study.yml: metrics.fat_method: 'x' is not ...``; any other message is put under ``key``.
     """
-    text = " ".join(text.split())
-    for name in fields:  # "device must be ..." -> key segmentation.device
-        if text.startswith(f"{name} "):
-            v.fail(f"{key}.{name}", text[len(name) + 1 :])
+    if isinstance(exc_or_text, SettingError):  # the key travels with the error: no parsing
+        sub = exc_or_text.key
+        v.fail(sub if sub == key or sub.startswith(key + ".") else f"{key}.{sub}",
+               " ".join(exc_or_text.problem.split()))
+    text = " ".join(str(exc_or_text).split())
     head, sep, rest = text.partition(": ")
     head = head.strip()
     if sep and head and " " not in head and "/" not in head and not head.endswith(")"):
@@ -1029,7 +1067,7 @@ def _statistics(v: _Validator, spec: object) -> StatisticsSpec:
             if name not in known:
                 v.fail(
                     "statistics.indices",
-                    f"{name!r} is not one of {', '.join(known)}" + _did_you_mean(name, known),
+                    f"{name!r} is not one of {', '.join(known)}" + did_you_mean(name, known),
                 )
         if not indices:
             v.fail("statistics.indices", "name at least one index")
@@ -1056,11 +1094,6 @@ def _statistics(v: _Validator, spec: object) -> StatisticsSpec:
 def _tuples(options: Mapping[str, Any]) -> dict[str, Any]:
     """YAML lists to tuples (the settings dataclasses are frozen and hashable)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-
-
-def _did_you_mean(value: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _preview(items: Sequence[str], n: int = 5) -> str:

@@ -581,7 +581,7 @@ def export_for_review(
         The study has no finished run, or a picked subject is unknown.
     """
     from helpers.config import Study, load_study
-    from helpers.pipeline import list_runs
+    from helpers.runs import list_runs
 
     s = study if isinstance(study, Study) else load_study(study)
     if run_dir is None:

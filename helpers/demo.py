@@ -310,7 +310,7 @@ def run_demo(
     stream_output: bool = False,
 ) -> Any:
     """Build the demo study (or reuse it) and run the whole pipeline; returns the RunResult."""
-    from helpers.pipeline import run_study
+    from helpers.runner import run_study
 
     study = build_demo(folder, spec)
     return run_study(study, progress=progress, stream_output=stream_output)

@@ -67,6 +67,7 @@ from typing import Any, Literal, TypeVar
 import pandas as pd
 
 from helpers.errors import ConfigError
+from helpers.validate import SettingError
 
 __all__ = [
     "EXECUTOR_KINDS",
@@ -144,25 +145,26 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in EXECUTOR_KINDS:
-            msg = f"executor.kind: {self.kind!r} is not one of {', '.join(EXECUTOR_KINDS)}"
-            raise ConfigError(msg)
+            msg = f"{self.kind!r} is not one of {', '.join(EXECUTOR_KINDS)}"
+            key = "executor.kind"
+            raise SettingError(key, msg)
         for name in ("workers", "threads_per_worker"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                msg = f"executor.{name}: must be a whole number >= 1, got {value!r}"
-                raise ConfigError(msg)
+                msg = f"must be a whole number >= 1, got {value!r}"
+                key = f"executor.{name}"
+                raise SettingError(key, msg)
         if self.scheduler is not None:
             if self.kind != "dask":
-                msg = f"executor.scheduler: only used with kind 'dask', but kind is {self.kind!r}"
-                raise ConfigError(msg)
+                msg = f"only used with kind 'dask', but kind is {self.kind!r}"
+                key = "executor.scheduler"
+                raise SettingError(key, msg)
             if not isinstance(self.scheduler, str) or not self.scheduler.startswith(
                 _SCHEDULER_SCHEMES
             ):
-                msg = (
-                    f"executor.scheduler: expected an address such as 'tcp://host:8786', "
-                    f"got {self.scheduler!r}"
-                )
-                raise ConfigError(msg)
+                msg = f"expected an address such as 'tcp://host:8786', got {self.scheduler!r}"
+                key = "executor.scheduler"
+                raise SettingError(key, msg)
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> ExecutorConfig:
@@ -195,8 +197,9 @@ class ExecutorConfig:
         known = ("kind", "workers", "scheduler", "threads_per_worker")
         unknown = [str(k) for k in d if k not in known]
         if unknown:
-            msg = f"executor.{unknown[0]}: unknown key (allowed: {', '.join(known)})"
-            raise ConfigError(msg)
+            msg = f"unknown key (allowed: {', '.join(known)})"
+            key = f"executor.{unknown[0]}"
+            raise SettingError(key, msg)
         kwargs: dict[str, Any] = {}
         if d.get("kind") is not None:
             kwargs["kind"] = d["kind"]

@@ -3,12 +3,13 @@
 Three layers, as everywhere in esma:
 
 - **Pure checks** over arrays and DataFrames (:func:`coverage_table`, :func:`component_table`,
-  :func:`world_centroids`, :func:`lateralization_checks`, :func:`dice`, :func:`dice_table`,
-  :func:`robust_z`, :func:`cohort_outliers`), each returning numbers or a tidy table.
+  :func:`world_centroids`, :func:`lateralization_checks`, :func:`dice_table` (Dice from
+  :mod:`helpers.overlap`), :func:`robust_z`, :func:`cohort_outliers`), each returning numbers or a tidy table.
 - **Per-subject QC rows** (:func:`check_subject`, :func:`outlier_checks`) in the long ``qc.csv``
   format (:data:`QC_COLUMNS`), one row per subject x level x label x check with a status
   ``pass`` / ``flag`` / ``fail`` and a reason in words; :func:`summarize_qc` condenses them to one
-  row per subject; :func:`run_qc` is the friendly file-to-file layer used by ``02_qc``.
+  row per subject.  The one driver over a study's files is the QC stage
+  (:func:`helpers.stages.s3_qc.qc_stage`).
 - **Reviewer decisions** (``qc_decisions.csv``, :data:`DECISION_COLUMNS`): seeded from QC by
   :func:`init_decisions` (which never touches existing rows), edited in a spreadsheet, with
   :func:`set_decision` or in the widget browser (:mod:`helpers.viewer`), and honoured by the
@@ -35,7 +36,7 @@ import io
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,10 @@ from scipy import ndimage
 from helpers.errors import ConfigError, EsmaError, InputFileError
 from helpers.files import atomic_path, atomic_write_text
 from helpers.labels import Label, LabelTable, lateralization_table
-from helpers.nifti import Volume, check_same_grid, load_image, load_mask
+from helpers.nifti import Volume, check_same_grid
 from helpers.nifti import slice_axis as _slice_axis
+from helpers.overlap import dice
+from helpers.validate import SettingError, did_you_mean
 
 __all__ = [
     "ALL_LEVELS",
@@ -62,14 +65,12 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "UNASSIGNED_LEVEL",
     "AxialView",
-    "QCResult",
     "QCSettings",
     "axial_view",
     "check_subject",
     "cohort_outliers",
     "component_table",
     "coverage_table",
-    "dice",
     "dice_table",
     "excluded_subjects",
     "init_decisions",
@@ -86,10 +87,10 @@ __all__ = [
     "render_mosaic",
     "render_slice",
     "robust_z",
-    "run_qc",
     "save_mosaic",
     "select_slices",
     "set_decision",
+    "severity_rank",
     "summarize_qc",
     "world_centroids",
     "worst_status",
@@ -291,7 +292,7 @@ class QCSettings:
         >>> QCSettings.from_mapping({"min_dise": 0.7})
         Traceback (most recent call last):
         ...
-        helpers.errors.ConfigError: qc.min_dise: unknown key; known keys: ...
+        helpers.validate.SettingError: qc.min_dise: unknown key (did you mean 'min_dice'?); known keys: ...
         """
         if mapping is None:
             return cls()
@@ -302,8 +303,9 @@ class QCSettings:
         values: dict[str, Any] = {}
         for key, value in mapping.items():
             if key not in known:
-                msg = f"{where}.{key}: unknown key; known keys: {', '.join(sorted(known))}"
-                raise ConfigError(msg)
+                msg = f"unknown key{did_you_mean(key, known)}; known keys: {', '.join(sorted(known))}"
+                setting = f"{where}.{key}"
+                raise SettingError(setting, msg)
             default = getattr(cls, key)
             if (
                 isinstance(default, float)
@@ -354,27 +356,40 @@ def _validate_setting(key: str, value: Any, where: str) -> None:
     if key in _CHOICES:
         if value not in _CHOICES[key]:
             allowed = ", ".join(repr(c) for c in _CHOICES[key])
-            msg = f"{name}: {value!r} is not one of {allowed}"
-            raise ConfigError(msg)
+            msg = f"{value!r} is not one of {allowed}"
+            raise SettingError(name, msg)
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
-        msg = f"{name}: expected a number, got {value!r}"
-        raise ConfigError(msg)
+        msg = f"expected a number, got {value!r}"
+        raise SettingError(name, msg)
     if isinstance(default, int) and not isinstance(value, int):
-        msg = f"{name}: expected a whole number, got {value!r}"
-        raise ConfigError(msg)
+        msg = f"expected a whole number, got {value!r}"
+        raise SettingError(name, msg)
     if not math.isfinite(value) and key != "robust_z_threshold":
-        msg = f"{name}: expected a finite number, got {value!r}"
-        raise ConfigError(msg)
+        msg = f"expected a finite number, got {value!r}"
+        raise SettingError(name, msg)
     lo, hi = _RANGES[key]
     if not lo <= value <= hi:
-        msg = f"{name}: {value!r} is outside the allowed range [{lo}, {hi}]"
-        raise ConfigError(msg)
+        msg = f"{value!r} is outside the allowed range [{lo}, {hi}]"
+        raise SettingError(name, msg)
 
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
+
+
+def severity_rank(status: object) -> int:
+    """The one severity order of QC statuses: ``pass`` 0 < ``flag`` 1 < ``fail`` 2; -1 else.
+
+    Sort worst first with ``key=lambda s: -severity_rank(s)`` (unknown statuses then come last).
+
+    Examples
+    --------
+    >>> sorted(["pass", "fail", "?", "flag"], key=lambda s: -severity_rank(s))
+    ['fail', 'flag', 'pass', '?']
+    """
+    return _SEVERITY.get(status, -1) if isinstance(status, str) else -1
 
 
 def worst_status(statuses: Iterable[str]) -> str:
@@ -387,7 +402,7 @@ def worst_status(statuses: Iterable[str]) -> str:
     """
     worst = "pass"
     for s in statuses:
-        if _SEVERITY[s] > _SEVERITY[worst]:
+        if severity_rank(s) > severity_rank(worst):
             worst = s
     return worst
 
@@ -751,34 +766,6 @@ def lateralization_checks(
                 status = "pass"
             rows.append(_row(subject, level, "lateralization", status, sep, reason, muscle=muscle))
     return _frame(rows)
-
-
-def dice(a: NDArray, b: NDArray) -> float:
-    """Dice overlap ``2|A n B| / (|A| + |B|)`` of two boolean masks.
-
-    Returns NaN when both are empty (overlap undefined; reported as such, never as 0 or 1).
-
-    Raises
-    ------
-    ValueError
-        Shapes differ.
-
-    Examples
-    --------
-    >>> dice(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 0], bool))
-    0.5
-    >>> dice(np.zeros(3, bool), np.zeros(3, bool))
-    nan
-    """
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    if a.shape != b.shape:
-        msg = f"dice: shapes differ {a.shape} vs {b.shape}"
-        raise ValueError(msg)
-    total = int(a.sum()) + int(b.sum())
-    if total == 0:
-        return math.nan
-    return 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def dice_table(
@@ -1686,29 +1673,6 @@ def render_slice(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class QCResult:
-    """What :func:`run_qc` produced.
-
-    Attributes
-    ----------
-    qc : DataFrame
-        All rows (:data:`QC_COLUMNS`), also written to ``qc_csv``.
-    summary : DataFrame
-        Per-subject summary (:data:`SUMMARY_COLUMNS`), also written to ``summary_csv``.
-    qc_csv, summary_csv : Path
-        The written tables.
-    mosaics : dict
-        Subject -> mosaic PNG path (subjects whose files could be read).
-    """
-
-    qc: pd.DataFrame
-    summary: pd.DataFrame
-    qc_csv: Path
-    summary_csv: Path
-    mosaics: dict[str, Path] = field(default_factory=dict)
-
-
 def cases_frame(
     cases: pd.DataFrame | Mapping[str, Any],
     required: Sequence[str] = ("subject", "mask"),
@@ -1752,112 +1716,6 @@ def cases_frame(
         msg = f"{what}: no subjects to show"
         raise ConfigError(msg)
     return cases.assign(subject=cases["subject"].astype(str)).reset_index(drop=True)
-
-
-def run_qc(
-    cases: pd.DataFrame | Mapping[str, Any],
-    labels: LabelTable,
-    out_dir: str | Path,
-    *,
-    levels: Mapping[str, pd.DataFrame] | None = None,
-    metrics: pd.DataFrame | None = None,
-    settings: QCSettings | None = None,
-    mosaics: bool = True,
-    progress: bool = True,
-) -> QCResult:
-    """QC a cohort: checks, mosaics, ``qc.csv`` and ``qc_summary.csv`` in ``out_dir``.
-
-    Parameters
-    ----------
-    cases : DataFrame or mapping
-        One row per subject with columns ``subject``, ``mask`` (path), optional ``image`` (path,
-        for the mosaic) and optional ``manual`` (path of a manual mask, for Dice; empty/NaN when
-        none).  A mapping ``{subject: (image, mask)}`` or ``{subject: {"image": ..., ...}}`` works
-        too.
-    labels : LabelTable
-        Declared labels (one table for the study).
-    out_dir : path
-        Output folder: ``qc.csv``, ``qc_summary.csv`` and ``mosaics/<subject>.png``.
-    levels : mapping, optional
-        Subject -> slice-to-level table (``slice``, ``level``).
-    metrics : DataFrame, optional
-        The cohort metrics table; adds the robust-z outlier checks.
-    settings : QCSettings, optional
-        Thresholds.
-    mosaics : bool
-        Write the overlay mosaics.
-    progress : bool
-        Show a tqdm progress bar.
-
-    Returns
-    -------
-    QCResult
-
-    Notes
-    -----
-    A subject whose files are unreadable or off-grid does not stop the run: it gets one
-    ``input`` row with status ``fail`` whose reason names the file (by name only) and problem.
-    """
-    from tqdm.auto import tqdm
-
-    settings = settings or QCSettings()
-    table = cases_frame(cases)
-    out_dir = Path(out_dir)
-    frames: list[pd.DataFrame] = []
-    written: dict[str, Path] = {}
-    for case in tqdm(
-        list(table.itertuples(index=False)), desc="QC", unit="subject", disable=not progress
-    ):
-        subject = str(case.subject)
-        lv = (levels or {}).get(subject)
-        try:
-            mask = load_mask(case.mask)
-            manual_path = getattr(case, "manual", None)
-            manual = load_mask(manual_path) if _given(manual_path) else None
-            image_path = getattr(case, "image", None)
-            image = load_image(image_path) if _given(image_path) else None
-            if image is not None:
-                check_same_grid(image, mask)
-            frames.append(
-                check_subject(
-                    subject, mask, labels, levels=lv, manual=manual, settings=settings, image=image
-                )
-            )
-        except InputFileError as exc:
-            problem = exc.problem.replace(str(exc.path), exc.path.name)
-            problem = problem.replace(str(exc.path.parent), "<folder>")
-            reason = f"{exc.path.name}: {problem}"
-            log.warning("QC %s: %s", subject, reason)
-            frames.append(_frame([_row(subject, ALL_LEVELS, "input", "fail", math.nan, reason)]))
-            continue
-        if mosaics and image is not None:
-            target = out_dir / "mosaics" / f"{subject}.png"
-            written[subject] = save_mosaic(
-                image,
-                mask,
-                labels,
-                target,
-                subject=subject,
-                levels=lv,
-                max_slices=settings.mosaic_max_slices,
-                opacity=settings.mosaic_opacity,
-                convention=settings.convention,
-            )
-    if metrics is not None and not metrics.empty:
-        frames.append(outlier_checks(metrics, settings))
-    qc = pd.concat(frames, ignore_index=True) if frames else _frame([])
-    summary = summarize_qc(qc, subjects=[str(s) for s in table["subject"]])
-    qc_csv = atomic_write_text(out_dir / "qc.csv", qc.to_csv(index=False))
-    summary_csv = atomic_write_text(out_dir / "qc_summary.csv", summary.to_csv(index=False))
-    return QCResult(qc, summary, qc_csv, summary_csv, written)
-
-
-def _given(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, float) and math.isnan(value):
-        return False
-    return str(value).strip() != ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -200,6 +200,13 @@ def asymmetry_figure(
 
 
 # ------------------------------------------------------------------------------------- QC
+def _worst_first(status: object) -> int:
+    """Sort key: ``fail`` first, then ``flag``, ``pass``, anything else (one order: qc)."""
+    from helpers.qc import severity_rank
+
+    return -severity_rank(status)
+
+
 def qc_status_table(summary: pd.DataFrame, decisions: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per subject: QC status, reasons and the reviewer's decision (when there is one)."""
     out = summary.copy()
@@ -208,19 +215,17 @@ def qc_status_table(summary: pd.DataFrame, decisions: pd.DataFrame | None = None
             columns={"reviewer": "decided_by"}
         )
         out = out.merge(d, on="subject", how="left")
-    order = {"fail": 0, "flag": 1, "pass": 2}
     return out.sort_values(
-        ["status", "subject"], key=lambda c: c.map(order) if c.name == "status" else c
+        ["status", "subject"], key=lambda c: c.map(_worst_first) if c.name == "status" else c
     ).reset_index(drop=True)
 
 
 def qc_findings(qc_rows: pd.DataFrame) -> pd.DataFrame:
     """The QC rows that are not ``pass``: fails first, then flags, by subject."""
     out = qc_rows[qc_rows["status"] != "pass"].copy()
-    order = {"fail": 0, "flag": 1}
     return out.sort_values(
         ["status", "subject", "level"],
-        key=lambda c: c.map(order) if c.name == "status" else c,
+        key=lambda c: c.map(_worst_first) if c.name == "status" else c,
         kind="stable",
     ).reset_index(drop=True)
 

@@ -76,6 +76,8 @@ from helpers.errors import ConfigError, EsmaError, InputFileError, ModelError
 from helpers.files import atomic_write_text, is_done, mark_done, sha256_file
 from helpers.labels import Label, LabelTable, load_labels, parse_labels
 from helpers.nifti import Volume, load_image, save_like, slice_axis, subject_from_filename
+from helpers.nnunet_runtime import available_cores, find_trainer_class, runtime_versions
+from helpers.validate import SettingError
 
 __all__ = [
     "FAST_STEP_SIZE",
@@ -153,22 +155,27 @@ class SegmentSettings:
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "mps"):
-            msg = f"device must be auto, cpu, cuda or mps, got {self.device!r}"
-            raise ConfigError(msg)
+            msg = f"must be auto, cpu, cuda or mps, got {self.device!r}"
+            setting = "device"
+            raise SettingError(setting, msg)
         if self.step_size is not None and not 0 < float(self.step_size) <= 1:
-            msg = f"step_size must lie in (0, 1], got {self.step_size!r}"
-            raise ConfigError(msg)
+            msg = f"must lie in (0, 1], got {self.step_size!r}"
+            setting = "step_size"
+            raise SettingError(setting, msg)
         if self.num_threads is not None and int(self.num_threads) < 1:
-            msg = f"num_threads must be at least 1, got {self.num_threads!r}"
-            raise ConfigError(msg)
+            msg = f"must be at least 1, got {self.num_threads!r}"
+            setting = "num_threads"
+            raise SettingError(setting, msg)
         if self.folds is not None:
             if len(self.folds) == 0:
-                msg = "folds must name at least one fold"
-                raise ConfigError(msg)
+                msg = "must name at least one fold"
+                setting = "folds"
+                raise SettingError(setting, msg)
             for f in self.folds:
                 if f != "all" and not (isinstance(f, int) and f >= 0):
-                    msg = f"folds must be non-negative integers or 'all', got {f!r}"
-                    raise ConfigError(msg)
+                    msg = f"must be non-negative integers or 'all', got {f!r}"
+                    setting = "folds"
+                    raise SettingError(setting, msg)
 
     @classmethod
     def fast_preset(cls, **overrides: Any) -> SegmentSettings:
@@ -545,28 +552,6 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity where the OS tells it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
-
-
-def runtime_versions() -> dict[str, str]:
-    """Python, nnunetv2, torch and esma versions, for sidecars and training records."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("nnunetv2", "torch", "esma"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:  # pragma: no cover - not installed
-            out[pkg] = "unknown"
-    return out
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Send nnU-Net's prints to the debug log instead of stdout."""
@@ -860,7 +845,7 @@ def _initialize(predictor: Any, model: ModelInfo, folds: Sequence[int | str]) ->
 
     Same steps and result (load each fold's weights, build the network with the checkpoint's
     trainer class, load the first fold's weights, :meth:`manual_initialization`), but the class
-    comes from :func:`helpers.training.find_trainer_class`, which does not crash on installs
+    comes from :func:`helpers.nnunet_runtime.find_trainer_class`, which does not crash on installs
     where nnU-Net's own search would import torchvision; and the trainers of
     :data:`PLAN_NETWORK_TRAINERS` build the network from the plans without importing a trainer.
     """
@@ -868,7 +853,6 @@ def _initialize(predictor: Any, model: ModelInfo, folds: Sequence[int | str]) ->
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from helpers.training import find_trainer_class
 
     dataset_json = json.loads((model.folder / "dataset.json").read_text(encoding="utf-8"))
     plans = json.loads((model.folder / "plans.json").read_text(encoding="utf-8"))

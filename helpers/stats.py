@@ -69,6 +69,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,10 @@ __all__ = [
     "GROUPS",
     "INTERACTION_COLUMNS",
     "StatsInputError",
+    "StatsResult",
+    "analyse",
     "bland_altman",
     "correlation_table",
-    "dice_per_label",
     "fdr_bh",
     "fisher_exact_2col",
     "icc_2_1",
@@ -613,9 +615,13 @@ def _apply_fdr(table: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _check_covariates(scores: pd.DataFrame, covariates: Sequence[str]) -> None:
+    from helpers.validate import did_you_mean
+
     lacking = [c for c in covariates if c not in scores.columns]
     if lacking:
-        msg = f"scores table lacks covariate column(s) {lacking}"
+        numeric = [str(c) for c in scores.columns if c != "subject"]
+        hints = "".join(did_you_mean(c, numeric) for c in lacking)
+        msg = f"scores table lacks covariate column(s) {lacking}{hints}"
         raise StatsInputError(msg)
     for c in covariates:
         if pd.to_numeric(scores[c], errors="coerce").isna().gt(scores[c].isna()).any():
@@ -841,6 +847,84 @@ def interaction_table(
     table = pd.DataFrame(rows)
     table["p_fdr"] = fdr_bh(table["p"].to_numpy(dtype=float))
     return _sorted(table)[list(INTERACTION_COLUMNS)]
+
+
+# ------------------------------------------------------------------ the one statistics entry
+@dataclass(frozen=True)
+class StatsResult:
+    """What :func:`analyse` computed (one table per attribute).
+
+    Attributes
+    ----------
+    correlations : pandas.DataFrame
+        :func:`correlation_table`.
+    interactions : pandas.DataFrame
+        :func:`interaction_table`.
+    table1 : pandas.DataFrame
+        :func:`table1` of the analysed subjects.
+    unmatched : pandas.DataFrame
+        :func:`match_subjects`' subjects in only one table.
+    analysed : pandas.DataFrame
+        The scores rows of the subjects that have asymmetry rows.
+    """
+
+    correlations: pd.DataFrame
+    interactions: pd.DataFrame
+    table1: pd.DataFrame
+    unmatched: pd.DataFrame
+    analysed: pd.DataFrame
+
+
+def analyse(
+    asymmetry: pd.DataFrame,
+    scores: pd.DataFrame,
+    *,
+    indices: Sequence[str] | None = None,
+    scores_cols: Sequence[str] | None = None,
+    covariates: Sequence[str] = ("age", "bmi"),
+    family: str | Sequence[str] = "group",
+) -> StatsResult:
+    """Correlations, sex interactions, Table 1 and unmatched subjects of one cohort.
+
+    The one statistics entry: ``esma stats`` and the statistics stage of a run both call it, so
+    the two apply the same rules (an unknown covariate is an error naming it in both).
+
+    Parameters
+    ----------
+    asymmetry : pandas.DataFrame
+        :func:`load_asymmetry` rows (subject, level, muscle, indices).
+    scores : pandas.DataFrame
+        One row per subject (:func:`load_scores`).
+    indices, scores_cols : sequence of str, optional
+        Restrict to these indices / score columns (default: every one present).
+    covariates : sequence of str
+        Covariates of the partial correlations and the interaction models.
+    family : str or sequence of str
+        FDR family (:func:`correlation_table`).
+
+    Returns
+    -------
+    StatsResult
+
+    Raises
+    ------
+    StatsInputError
+        A covariate that is not a column of ``scores`` (named, with a close match if any), or a
+        covariate that is not numeric.
+    """
+    covariates = list(covariates)
+    _check_covariates(scores, covariates)
+    kwargs: dict[str, Any] = {
+        "indices": indices,
+        "scores_cols": scores_cols,
+        "covariates": covariates,
+    }
+    _, unmatched = match_subjects(asymmetry, scores)
+    correlations = correlation_table(asymmetry, scores, family=family, **kwargs)
+    interactions = interaction_table(asymmetry, scores, **kwargs)
+    subjects = set(asymmetry["subject"].astype(str))
+    analysed = scores[scores["subject"].astype(str).isin(subjects)].reset_index(drop=True)
+    return StatsResult(correlations, interactions, table1(analysed), unmatched, analysed)
 
 
 # ----------------------------------------------------------------------------------- Table 1
@@ -1140,52 +1224,3 @@ def bland_altman(a: ArrayLike, b: ArrayLike) -> pd.Series:
          "loa_low_ci_low": lo - t * se_loa, "loa_low_ci_high": lo + t * se_loa,
          "loa_high_ci_low": hi - t * se_loa, "loa_high_ci_high": hi + t * se_loa}
     )
-
-
-def dice_per_label(a: ArrayLike, b: ArrayLike, labels: Any) -> pd.DataFrame:
-    """Dice coefficient of two label masks, per label.
-
-    Parameters
-    ----------
-    a, b : array_like of int
-        Label masks of one shape (e.g. automated and manual).
-    labels : sequence of int, mapping int -> name, or helpers.labels.LabelTable
-        The labels to compare.
-
-    Returns
-    -------
-    pandas.DataFrame
-        label (value), name (``muscle_side`` from a LabelTable, the mapping's name, or the
-        value), n_a_vox, n_b_vox, n_overlap_vox (voxel counts), dice (2 |A n B| / (|A| + |B|);
-        NaN when the label is in neither mask).
-
-    Examples
-    --------
-    >>> a = np.array([[1, 1, 0], [2, 2, 0]])
-    >>> b = np.array([[1, 0, 0], [2, 2, 2]])
-    >>> dice_per_label(a, b, [1, 2])["dice"].round(4).tolist()
-    [0.6667, 0.8]
-    """
-    aa, bb = np.asarray(a), np.asarray(b)
-    if aa.shape != bb.shape:
-        msg = f"Dice needs masks of one shape, got {aa.shape} and {bb.shape}"
-        raise StatsInputError(msg)
-    if hasattr(labels, "labels") and not isinstance(labels, Mapping):
-        names = {
-            int(lab.value): f"{lab.muscle}_{lab.side}" if lab.side else lab.muscle
-            for lab in labels.labels
-        }
-    elif isinstance(labels, Mapping):
-        names = {int(v): str(nm) for v, nm in labels.items()}
-    else:
-        names = {int(v): str(int(v)) for v in labels}
-    rows = []
-    for value, name in names.items():
-        in_a, in_b = aa == value, bb == value
-        na, nb = int(in_a.sum()), int(in_b.sum())
-        both = int((in_a & in_b).sum())
-        dice = 2.0 * both / (na + nb) if na + nb else math.nan
-        rows.append({"label": value, "name": name, "n_a_vox": na, "n_b_vox": nb,
-                     "n_overlap_vox": both, "dice": dice})
-    return pd.DataFrame(rows, columns=["label", "name", "n_a_vox", "n_b_vox", "n_overlap_vox",
-                                       "dice"])

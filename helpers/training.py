@@ -55,7 +55,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.typing import NDArray
 
 from helpers.errors import (
     ConfigError,
@@ -68,7 +67,8 @@ from helpers.errors import (
 from helpers.files import atomic_path, atomic_write_text
 from helpers.labels import LabelTable, load_labels
 from helpers.nifti import check_same_grid, load_image, load_mask, save_like, subject_from_filename
-from helpers.segment import available_cores, runtime_versions
+from helpers.nnunet_runtime import available_cores, find_trainer_class, runtime_versions
+from helpers.overlap import dice_per_label
 
 __all__ = [
     "ESMA_MODEL_FILE",
@@ -80,10 +80,8 @@ __all__ = [
     "TrainingCase",
     "check_training_cases",
     "dataset_json_labels",
-    "dice_per_label",
     "evaluate_masks",
     "export_model",
-    "find_trainer_class",
     "labels_document",
     "make_untrained_model",
     "pair_cases",
@@ -537,69 +535,6 @@ def write_raw_dataset(
     atomic_write_text(folder / LABELS_FILE, json.dumps(labels_document(labels), indent=2) + "\n")
     log.info("wrote nnU-Net raw dataset %s (%d cases)", folder, len(cases))
     return folder
-
-
-# ------------------------------------------------------------------------ trainer lookup
-#: Trainer sub-packages never searched: they import optional dependencies (timm/torchvision for
-#: the Primus transformers) that crash on CPU-only installs.
-_SKIP_TRAINER_PACKAGES = ("primus",)
-
-
-def find_trainer_class(name: str) -> type:
-    """The nnU-Net trainer class called ``name``.
-
-    Searches ``nnunetv2.training.nnUNetTrainer`` like nnU-Net does, but never imports the
-    sub-packages in :data:`_SKIP_TRAINER_PACKAGES` and skips modules that fail to import: nnU-Net's
-    own search imports every module until it finds the class, so on an install where
-    ``torchvision`` does not load, any trainer other than ``nnUNetTrainer`` crashes it.
-    Falls back to nnU-Net's search (which honours ``nnUNet_extTrainer``).
-
-    Raises
-    ------
-    ModelError
-        No trainer class of that name.
-    """
-    import importlib
-    import pkgutil
-
-    import nnunetv2.training.nnUNetTrainer as package
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    from helpers.errors import ModelError
-
-    if name == "nnUNetTrainer":
-        return nnUNetTrainer
-
-    def search(paths: list[str], prefix: str) -> type | None:
-        entries = sorted(pkgutil.iter_modules(paths), key=lambda m: (m.ispkg, m.name))
-        for mod in entries:
-            if mod.ispkg:
-                continue
-            try:
-                module = importlib.import_module(f"{prefix}.{mod.name}")
-            except Exception:  # noqa: BLE001 - a variant with a missing optional dependency
-                log.debug("skipping trainer module %s.%s (import failed)", prefix, mod.name)
-                continue
-            cls = getattr(module, name, None)
-            if isinstance(cls, type) and issubclass(cls, nnUNetTrainer):
-                return cls
-        for mod in entries:
-            if mod.ispkg and mod.name not in _SKIP_TRAINER_PACKAGES:
-                found = search([str(Path(paths[0]) / mod.name)], f"{prefix}.{mod.name}")
-                if found is not None:
-                    return found
-        return None
-
-    found = search(list(package.__path__), package.__name__)
-    if found is not None:
-        return found
-    try:
-        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-        return recursive_find_trainer_class_by_name(name)
-    except Exception as exc:
-        msg = f"trainer class {name} is not known to nnU-Net ({type(exc).__name__}: {exc})"
-        raise ModelError(Path(name), msg) from exc
 
 
 # ----------------------------------------------------------------- child-process worker
@@ -1108,29 +1043,6 @@ def _cpu_seconds() -> float:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def dice_per_label(pred: NDArray, ref: NDArray, values: Sequence[int]) -> dict[int, float]:
-    """Dice coefficient of each label value between two label arrays of the same shape.
-
-    ``2 |P & R| / (|P| + |R|)``; NaN where the label is absent from both.
-
-    Examples
-    --------
-    >>> a = np.array([0, 1, 1, 2]); b = np.array([0, 1, 2, 2])
-    >>> {k: round(v, 3) for k, v in dice_per_label(a, b, [1, 2]).items()}
-    {1: 0.667, 2: 0.667}
-    """
-    pred, ref = np.asarray(pred), np.asarray(ref)
-    if pred.shape != ref.shape:
-        msg = f"label arrays differ in shape: {pred.shape} vs {ref.shape}"
-        raise ValueError(msg)
-    out = {}
-    for v in values:
-        p, r = pred == v, ref == v
-        denom = int(p.sum()) + int(r.sum())
-        out[int(v)] = float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom
-    return out
-
-
 def evaluate_masks(
     pairs: Mapping[str, tuple[str | Path, str | Path]],
     labels: LabelTable,

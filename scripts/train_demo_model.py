@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 def _model_label_dice(refs: dict[str, Path], pred_dir: Path, sided) -> pd.DataFrame:
     """Dice of the model's own (unsided) labels: sides merged in prediction and reference."""
     from helpers.nifti import load_mask
-    from helpers.training import dice_per_label
+    from helpers.overlap import dice_per_label
     from helpers.trainset import unsided
 
     rows = []

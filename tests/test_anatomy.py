@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import anatomy, qc
+from helpers import anatomy, qc, synthetic
 from helpers.errors import ConfigError
 from helpers.labels import Label, LabelTable, load_labels
 from helpers.nifti import Volume, load_image, load_mask
@@ -348,7 +348,6 @@ def test_example_variant_values_match_the_planted_errors(example):
 
 @pytest.mark.parametrize("orientation", ["LPS", "RAS", "LAS", "PIR"])
 def test_phantoms_pass_in_any_orientation_and_gross_variants_fail(orientation):
-    synthetic = pytest.importorskip("helpers.synthetic")
     ph = synthetic.make_phantom("syn-1", seed=3, orientation="LPS")
     image = np.asarray(ph.image.dataobj, dtype=np.float32)
     mask = np.asarray(ph.mask.dataobj)
@@ -361,7 +360,6 @@ def test_phantoms_pass_in_any_orientation_and_gross_variants_fail(orientation):
 
 
 def test_phantom_numbers_do_not_depend_on_storage_orientation():
-    synthetic = pytest.importorskip("helpers.synthetic")
     tables = []
     for codes in ("LPS", "RAS", "PIR"):
         ph = synthetic.make_phantom("syn-1", seed=4, orientation=codes)

@@ -580,7 +580,7 @@ def test_run_fails_the_subject_whose_sides_contradict_the_anatomy(tmp_path, monk
     import nibabel as nib
     import yaml
 
-    from helpers import pipeline, synthetic
+    from helpers import runner, synthetic
 
     phantoms = synthetic.make_cohort(2, tmp_path / "ph", seed=3, template="small",
                                      orientations=("LPS",))  # fmt: skip
@@ -611,7 +611,7 @@ def test_run_fails_the_subject_whose_sides_contradict_the_anatomy(tmp_path, monk
         "output": "out",
     }
     (study / "study.yml").write_text(yaml.safe_dump(doc))
-    result = pipeline.run_study(study / "study.yml", notebooks=["01_segment", "03_metrics"],
+    result = runner.run_study(study / "study.yml", notebooks=["01_segment", "03_metrics"],
                                 progress=False)  # fmt: skip
     assert result.exit_code == 1
     failures = pd.read_csv(result.run_dir / "failures.csv", dtype=str, keep_default_na=False)
@@ -652,8 +652,9 @@ def _given_mask_study(tmp_path: Path, n: int = 2) -> tuple[Path, list[str]]:
 
 
 def test_disk_full_during_qc_excludes_nobody_and_a_rerun_decides(tmp_path, monkeypatch):
-    from helpers import pipeline, qc
+    from helpers import qc, runs
     from helpers.errors import OutputError
+    from helpers.stages import s1_segment, s3_qc
 
     study_file, subjects = _given_mask_study(tmp_path)
     real = qc.save_mosaic
@@ -662,9 +663,9 @@ def test_disk_full_during_qc_excludes_nobody_and_a_rerun_decides(tmp_path, monke
         raise OutputError("mosaic.png: cannot write (No space left on device)")
 
     monkeypatch.setattr(qc, "save_mosaic", full)
-    study, paths = pipeline.open_study(study_file, tmp_path / "run1")
-    seg = pipeline.segment_stage(study, paths, progress=False)
-    out = pipeline.qc_stage(study, paths, seg, progress=False)
+    study, paths = runs.open_study(study_file, tmp_path / "run1")
+    seg = s1_segment.segment_stage(study, paths, progress=False)
+    out = s3_qc.qc_stage(study, paths, seg, progress=False)
     decisions = pd.read_csv(paths.decisions, dtype=str, keep_default_na=False)
     assert "exclude" not in set(decisions["decision"])
     assert set(decisions["subject"]).isdisjoint(subjects)
@@ -675,9 +676,9 @@ def test_disk_full_during_qc_excludes_nobody_and_a_rerun_decides(tmp_path, monke
 
     # space freed: the re-run decides from the real QC (every phantom passes)
     monkeypatch.setattr(qc, "save_mosaic", real)
-    study, paths = pipeline.open_study(study_file, tmp_path / "run2")
-    seg = pipeline.segment_stage(study, paths, progress=False)
-    out = pipeline.qc_stage(study, paths, seg, progress=False)
+    study, paths = runs.open_study(study_file, tmp_path / "run2")
+    seg = s1_segment.segment_stage(study, paths, progress=False)
+    out = s3_qc.qc_stage(study, paths, seg, progress=False)
     decisions = pd.read_csv(paths.decisions, dtype=str, keep_default_na=False)
     assert sorted(decisions["subject"]) == subjects
     assert set(decisions["decision"]) == {"include"}
@@ -713,7 +714,7 @@ def test_second_run_on_the_same_output_names_the_holder_and_exits_2(tmp_path, ca
     import sys
     import time
 
-    from helpers import pipeline
+    from helpers import runner
     from helpers.config import load_study
     from helpers.locks import RUN_LOCK_NAME, file_lock
 
@@ -741,7 +742,7 @@ def test_second_run_on_the_same_output_names_the_holder_and_exits_2(tmp_path, ca
         holder.kill()
         holder.wait()
     # the kernel dropped the killed holder's lock: a run goes ahead, and releases it after
-    result = pipeline.run_study(study_file, notebooks=["01_segment"], progress=False)
+    result = runner.run_study(study_file, notebooks=["01_segment"], progress=False)
     assert result.exit_code == 0
     with file_lock(lock, "x"):
         pass
@@ -835,8 +836,8 @@ def test_kernel_of_a_killed_run_dies_with_it(tmp_path):
     script = (
         "import os, subprocess, sys, time\n"
         "env = dict(os.environ, ESMA_RUN_PID=str(os.getpid()))\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'from helpers import pipeline; "
-        "pipeline._kernel_dies_with_run(); print(1, flush=True); import time; time.sleep(60)'],"
+        "child = subprocess.Popen([sys.executable, '-c', 'from helpers import runs; "
+        "runs._kernel_dies_with_run(); print(1, flush=True); import time; time.sleep(60)'],"
         " env=env, stdout=subprocess.PIPE, text=True)\n"
         "print(child.pid, flush=True); child.stdout.readline(); print('armed', flush=True)\n"
         "time.sleep(60)\n"
@@ -1053,12 +1054,13 @@ def test_disk_full_has_its_own_exit_code(tmp_path, capsys, monkeypatch):
 def test_model_label_warning_reaches_index_html(tmp_path):
     from types import SimpleNamespace
 
-    from helpers import pipeline
+    from helpers import provenance, runner, runs
     from helpers.config import load_study
+    from helpers.stages import s1_segment
     from helpers.synthetic import LABELS_DOC
 
     study_file, _ = _given_mask_study(tmp_path)
-    result = pipeline.run_study(study_file, notebooks=["01_segment"], progress=False)
+    result = runner.run_study(study_file, notebooks=["01_segment"], progress=False)
     study = load_study(study_file)
     seg = tmp_path / "seg"
     seg.mkdir()
@@ -1066,15 +1068,15 @@ def test_model_label_warning_reaches_index_html(tmp_path):
     model_doc["labels"] = model_doc["labels"][:2]
     (seg / "labels.json").write_text(json.dumps(model_doc))
     paths = SimpleNamespace(seg_dir=seg, run_dir=result.run_dir)
-    message = pipeline.check_model_labels(study, paths)
+    message = s1_segment.check_model_labels(study, paths)
     assert message.startswith("the model's output labels differ from the study's label file")
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    failures = pipeline.collect_failures(result.run_dir)
-    index = pipeline.write_index(
-        result.run_dir, manifest, failures, pipeline.collect_excluded(result.run_dir, failures)
+    failures = runs.collect_failures(result.run_dir)
+    index = provenance.write_index(
+        result.run_dir, manifest, failures, runs.collect_excluded(result.run_dir, failures)
     )
     page = index.read_text(encoding="utf-8")
     assert "<h2>Warnings</h2>" in page
     assert "the model&#x27;s output labels differ from the study&#x27;s label file" in page
-    pipeline.check_model_labels(study, paths)  # recorded once
-    assert len(pipeline.read_run_warnings(result.run_dir)) == 1
+    s1_segment.check_model_labels(study, paths)  # recorded once
+    assert len(runs.read_run_warnings(result.run_dir)) == 1

@@ -128,8 +128,12 @@ def test_console_script_runs(scan, tmp_path):
     proc = subprocess.run([exe, *_args(scan, out, "--no-bias-correction")],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "metrics.csv").is_file()
-    assert (out / "asymmetry.csv").is_file()
+    # the installed entry point gives the numbers of the in-process CLI
+    assert main(_args(scan, tmp_path / "inproc", "--no-bias-correction")) == 0
+    for name in ("metrics.csv", "asymmetry.csv"):
+        pd.testing.assert_frame_equal(
+            pd.read_csv(out / name), pd.read_csv(tmp_path / "inproc" / name)
+        )
     bad = subprocess.run([exe, *_args({**scan, "image": tmp_path / "nope.nii.gz"}, out)],
                          capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2

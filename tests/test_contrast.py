@@ -149,10 +149,11 @@ def test_correlations_by_contrast_equal_the_per_contrast_tables():
 
 
 def test_statistics_write_the_stratified_table_only_for_mixed_cohorts(tmp_path):
-    from helpers import pipeline
+    from helpers import runs
     from helpers.contrast import correlations_by_contrast
+    from helpers.stages import s5_statistics
 
-    paths = pipeline.RunPaths(run_dir=tmp_path, work_dir=tmp_path / "work",
+    paths = runs.RunPaths(run_dir=tmp_path, work_dir=tmp_path / "work",
                               seg_dir=tmp_path / "seg", metrics_dir=tmp_path / "m",
                               decisions=tmp_path / "d.csv", interactive=False)
     rng = np.random.default_rng(4)
@@ -163,10 +164,10 @@ def test_statistics_write_the_stratified_table_only_for_mixed_cohorts(tmp_path):
     scores = pd.DataFrame({"subject": subjects, "sex": ["M", "F"] * 8,
                            "odi_pct": rng.random(n) * 100})
     kwargs = {"indices": ["cdi"], "scores_cols": None, "covariates": []}
-    assert pipeline._correlations_by_contrast(paths, asym, scores, "group", kwargs) == {}
+    assert s5_statistics.write_correlations_by_contrast(paths, asym, scores, "group", kwargs) == {}
     assert not (tmp_path / "correlations_by_contrast.csv").exists()
     asym["contrast"] = ["T2w"] * 8 + ["T1w"] * 8
-    files = pipeline._correlations_by_contrast(paths, asym, scores, "group", kwargs)
+    files = s5_statistics.write_correlations_by_contrast(paths, asym, scores, "group", kwargs)
     written = pd.read_csv(files["correlations_by_contrast"])
     expect = correlations_by_contrast(asym, scores, family="group", **kwargs)
     assert len(written) == len(expect) == 2 * 3  # 2 contrasts x 3 groups x 1 index x 1 score

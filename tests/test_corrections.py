@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import corrections, pipeline, qc
+from helpers import corrections, qc, runs
 from helpers.cli import main
 from helpers.errors import ConfigError
 from helpers.files import sha256_file
 from helpers.labels import load_labels
+from helpers.stages import s1_segment, s3_qc
 
 ES_MF = ((1, 3), (2, 4))
 
@@ -161,10 +162,10 @@ def _study(tmp_path: Path, example_dir: Path, *, corrections_key: bool) -> Path:
 
 
 def _run(study_file: Path, run: str):
-    study, paths = pipeline.open_study(study_file, study_file.parent / "out" / run)
+    study, paths = runs.open_study(study_file, study_file.parent / "out" / run)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    seg = pipeline.segment_stage(study, paths, progress=False)
-    out = pipeline.qc_stage(study, paths, seg, progress=False)
+    seg = s1_segment.segment_stage(study, paths, progress=False)
+    out = s3_qc.qc_stage(study, paths, seg, progress=False)
     return study, paths, seg, out
 
 
@@ -209,9 +210,9 @@ def test_invalid_correction_fails_that_subject_naming_the_file(tmp_path, example
     data = np.asarray(good.dataobj).copy()
     data[0, 0, 0] = 42  # a value the label file does not declare
     nib.save(nib.Nifti1Image(data, good.affine, good.header), tmp_path / "fixed/sub-0001.nii.gz")
-    study, paths = pipeline.open_study(study_file, tmp_path / "out" / "20260101T000000Z-aaaaaa")
+    study, paths = runs.open_study(study_file, tmp_path / "out" / "20260101T000000Z-aaaaaa")
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    seg = pipeline.segment_stage(study, paths, progress=False).set_index("subject")
+    seg = s1_segment.segment_stage(study, paths, progress=False).set_index("subject")
     assert seg.loc["sub-0001", "status"] == "failed"
     assert seg.loc["sub-0001", "error"].startswith("corrected mask sub-0001.nii.gz: ")
     assert "42" in seg.loc["sub-0001", "error"]

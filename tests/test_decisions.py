@@ -101,7 +101,8 @@ def test_pipeline_rederives_the_decision_when_a_fixed_mask_replaces_a_bad_one(
     import nibabel as nib
     import numpy as np
 
-    from helpers import pipeline
+    from helpers import runs
+    from helpers.stages import s1_segment, s3_qc
 
     shutil.copyfile(example_dir / "labels.json", tmp_path / "labels.json")
     shutil.copyfile(example_dir / "sub-0001_T1w.nii.gz", tmp_path / "sub-0001_T2w.nii.gz")
@@ -120,10 +121,10 @@ def test_pipeline_rederives_the_decision_when_a_fixed_mask_replaces_a_bad_one(
     )
 
     def run_qc_stage() -> pd.DataFrame:
-        study, paths = pipeline.open_study(study_file)
+        study, paths = runs.open_study(study_file)
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        seg = pipeline.segment_stage(study, paths, progress=False)
-        out = pipeline.qc_stage(study, paths, seg, progress=False)
+        seg = s1_segment.segment_stage(study, paths, progress=False)
+        out = s3_qc.qc_stage(study, paths, seg, progress=False)
         return out.decisions.set_index("subject")
 
     first = run_qc_stage()

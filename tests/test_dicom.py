@@ -681,7 +681,7 @@ def test_cli_ingest_from_the_study_file(tmp_path, secret, capsys, caplog):
 def test_study_without_a_usable_series_stops_before_any_run(tmp_path, secret, capsys, monkeypatch):
     """Nothing written by the ingest: esma run stops with exit code 2 and no run folder; a
     notebook opened on a study not ingested yet says what to run."""
-    from helpers import pipeline
+    from helpers import runs
 
     root = logging.getLogger()  # open_study adds a notebook log handler: keep it in this test
     monkeypatch.setattr(root, "handlers", list(root.handlers))
@@ -689,7 +689,7 @@ def test_study_without_a_usable_series_stops_before_any_run(tmp_path, secret, ca
     write_series(tmp_path / "export" / "sag", Series(ramp((8, 6, 4)), sagittal))
     study = _ingest_study(tmp_path / "study")
     with pytest.raises(ConfigError, match="has not been ingested yet"):
-        pipeline.open_study(study)
+        runs.open_study(study)
     assert main(["run", "--quiet", str(study)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the ingest's log lines
     assert err.startswith("esma run: error: ")
@@ -721,7 +721,7 @@ def test_run_study_from_dicom_end_to_end_leaks_no_identity(tmp_path, monkeypatch
     the two good scans, lists the refused series and the patient without an image in
     failures.csv and index.html, and a second run reuses the ingest.  No identity in any byte
     the toolkit wrote (runs, work folder, ingested NIfTI decompressed), nor in its log."""
-    from helpers import pipeline, synthetic
+    from helpers import runner, synthetic
 
     monkeypatch.setenv(dicom.SECRET_ENV, "e2e-secret")
     phantoms = synthetic.make_cohort(
@@ -790,10 +790,10 @@ def test_run_study_from_dicom_end_to_end_leaks_no_identity(tmp_path, monkeypatch
     study.write_text(yaml.safe_dump(doc))
 
     with caplog.at_level(logging.INFO):
-        first = pipeline.run_study(study, notebooks=["01_segment", "03_metrics"], progress=False)
+        first = runner.run_study(study, notebooks=["01_segment", "03_metrics"], progress=False)
         ingested = study_dir / "out" / "ingested"
         images_before = _mtimes(ingested)
-        second = pipeline.run_study(study, notebooks=["01_segment"], progress=False)
+        second = runner.run_study(study, notebooks=["01_segment"], progress=False)
     assert first.exit_code == 1  # finished, with failures
     run = first.run_dir
     metrics = pd.read_csv(run / "metrics.csv")

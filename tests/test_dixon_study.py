@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import pipeline
+from helpers import provenance, runs
 from helpers.config import load_study
 from helpers.errors import ConfigError
 from helpers.nifti import load_image
+from helpers.stages import s1_segment, s2_measure, s4_metrics
 from helpers.synthetic import make_phantom, write_phantom
 from helpers.synthetic_dixon import make_dixon_phantom, write_dixon_phantom
 
@@ -97,9 +98,9 @@ def test_study_dixon_settings_validated(cohort):
 def test_pipeline_measures_dixon_subjects_from_the_pair(cohort):
     path = _write_study(cohort["root"], "run", mixed_contrast=True,
                         metrics={"bias_correction": False}, dixon={"erode_mm": 0})
-    study, paths = pipeline.open_study(path, cohort["root"] / "runs" / "r1")
-    segmentation = pipeline.segment_stage(study, paths, progress=False)
-    status = pipeline.measure_stage(study, paths, segmentation, progress=False)
+    study, paths = runs.open_study(path, cohort["root"] / "runs" / "r1")
+    segmentation = s1_segment.segment_stage(study, paths, progress=False)
+    status = s2_measure.measure_stage(study, paths, segmentation, progress=False)
     assert set(status["status"]) == {"computed"}
     for subject, truth in cohort["truth"].items():
         m = pd.read_csv(paths.metrics_dir / subject / "metrics.csv")
@@ -115,35 +116,35 @@ def test_pipeline_measures_dixon_subjects_from_the_pair(cohort):
         else:
             assert set(m["method"]) == {"unmix"}
     # unchanged subjects are reused
-    status2 = pipeline.measure_stage(study, paths, segmentation, progress=False)
+    status2 = s2_measure.measure_stage(study, paths, segmentation, progress=False)
     assert set(status2["status"]) == {"reused"}
     # the cohort tables carry each subject's contrast; the index page counts them
-    out = pipeline.metrics_stage(study, paths, progress=False)
+    out = s4_metrics.metrics_stage(study, paths, progress=False)
     asym = pd.read_csv(paths.file("asymmetry.csv"))
     assert list(asym.columns)[-1] == "contrast"
     assert dict(zip(asym["subject"], asym["contrast"], strict=False)) == {
         "sub-d1": "dixon", "sub-d2": "dixon", "sub-t1": "T2w"}
     assert set(out.metrics["contrast"]) == {"dixon", "T2w"}
-    counts = pipeline._contrast_counts(study)
+    counts = provenance.contrast_counts_of(study)
     assert counts == {"T2w": 1, "dixon": 2}
-    assert pipeline._contrast_text({"contrasts": counts}) == " (1 T2w, 2 dixon)"
+    assert provenance.contrast_text({"contrasts": counts}) == " (1 T2w, 2 dixon)"
 
 
 def test_segmentation_input_is_the_sum_by_default(cohort, tmp_path):
     path = _write_study(cohort["root"], "seg", mixed_contrast=True)
-    study, paths = pipeline.open_study(path, tmp_path / "run")
+    study, paths = runs.open_study(path, tmp_path / "run")
     s = study.subject("sub-d1")
-    target = pipeline._segmentation_input(study, paths, s)
+    target = s1_segment.segmentation_input(study, paths, s)
     w, f = load_image(s.water), load_image(s.fat)
     assert np.allclose(load_image(target).data, w.data + f.data, atol=1e-2)
     mtime = target.stat().st_mtime_ns
-    assert pipeline._segmentation_input(study, paths, s) == target
+    assert s1_segment.segmentation_input(study, paths, s) == target
     assert target.stat().st_mtime_ns == mtime  # reused, not rewritten
     plain = study.subject("sub-t1")
-    assert pipeline._segmentation_input(study, paths, plain) == plain.image
+    assert s1_segment.segmentation_input(study, paths, plain) == plain.image
     path = _write_study(cohort["root"], "segw", mixed_contrast=True, dixon={"segment_on": "water"})
-    study, paths = pipeline.open_study(path, tmp_path / "run2")
-    target = pipeline._segmentation_input(study, paths, study.subject("sub-d1"))
+    study, paths = runs.open_study(path, tmp_path / "run2")
+    target = s1_segment.segmentation_input(study, paths, study.subject("sub-d1"))
     assert target.name == "sub-d1_water.nii.gz"
     assert np.allclose(load_image(target).data, w.data, atol=1e-3)
 

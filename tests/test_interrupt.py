@@ -45,7 +45,7 @@ import pytest
 import yaml
 from dicom_factory import Series, write_series
 
-from helpers import dicom, pipeline, synthetic
+from helpers import dicom, runs, synthetic
 from helpers.clinical import PlantedRelation, simulate_clinical, write_table
 from helpers.config import load_study
 from helpers.demo import find_demo_model
@@ -66,7 +66,7 @@ ESMA_KILLS = (
 #: Stage notebooks the CI scenario runs (segmentation: masks given; metrics: N4 + fat).
 CI_NOTEBOOKS = "01_segment,03_metrics"
 RUNNER = (
-    "import sys; from helpers.pipeline import run_study; "
+    "import sys; from helpers.runner import run_study; "
     "r = run_study(sys.argv[1], notebooks=sys.argv[2].split(','), progress=False); "
     "sys.exit(r.exit_code)"
 )
@@ -293,7 +293,7 @@ def gunzip(raw: bytes) -> bytes:
 
 def run_folders(study_dir: Path) -> set[Path]:
     """Run folders of the study: ``<run-id>/`` of esma run, ``runs/run-<i>/`` of the CI runner."""
-    return set(pipeline.list_runs(study_dir)) | set(study_dir.glob("runs/run-*"))
+    return set(runs.list_runs(study_dir)) | set(study_dir.glob("runs/run-*"))
 
 
 def tear(files: list[Path]) -> None:
@@ -354,11 +354,13 @@ def scenario(root: Path, built: dict, command, name: str, kills) -> dict:
 #: The per-subject stages ``esma run`` drives, called in a plain process (no notebook kernel):
 #: segmentation (masks given) then measurement, into a fresh run folder, as the notebooks do.
 STAGES = (
-    "import sys; from helpers import pipeline as p; "
-    "s, paths = p.open_study(sys.argv[1], sys.argv[2]); "
-    "p.segment_stage(s, paths, progress=False); p.metrics_stage(s, paths, progress=False); "
-    "f = p.collect_failures(paths.run_dir); "
-    "p.atomic_write_text(paths.run_dir / 'manifest.json', '{}'); "
+    "import sys; from helpers import runs; from helpers.files import atomic_write_text; "
+    "from helpers.stages import s1_segment, s4_metrics; "
+    "s, paths = runs.open_study(sys.argv[1], sys.argv[2]); "
+    "s1_segment.segment_stage(s, paths, progress=False); "
+    "s4_metrics.metrics_stage(s, paths, progress=False); "
+    "f = runs.collect_failures(paths.run_dir); "
+    "atomic_write_text(paths.run_dir / 'manifest.json', '{}'); "
     "sys.exit(1 if len(f) else 0)"
 )
 

@@ -1,4 +1,4 @@
-"""The papermill pipeline (helpers.pipeline, helpers.demo, esma run / demo).
+"""The papermill pipeline (helpers.runner and helpers.stages, helpers.demo, esma run / demo).
 
 Fast unit tests of the runner's pieces, then one end-to-end run of a small demo study through
 the same code path as ``esma run`` / ``esma demo`` (marked ``e2e``): four notebooks, HTML
@@ -20,12 +20,13 @@ import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from helpers import pipeline
+from helpers import provenance, runner, runs
 from helpers.cli import _report_run, main
 from helpers.demo import CI_SPEC, build_demo, find_demo_model
 from helpers.errors import ConfigError, OutputError
+from helpers.stages import s3_qc
 
-NOTEBOOKS = [pipeline.NOTEBOOK_DIR / f"{name}.ipynb" for name in pipeline.NOTEBOOKS]
+NOTEBOOKS = [runner.NOTEBOOK_DIR / f"{name}.ipynb" for name in runner.NOTEBOOKS]
 #: The e2e study's synthetic subjects.
 SUBJECTS = [f"syn-{i:03d}" for i in range(1, CI_SPEC.n_synthetic + 1)]
 #: Notebooks of the e2e re-run (the ones with per-subject work to reuse).
@@ -62,10 +63,10 @@ def test_notebooks_are_thin_parameterised_and_stripped(path):
 
 def test_unknown_parameters_are_refused():
     nb = NOTEBOOKS[2]
-    declared = pipeline.check_parameters(nb, {"study": "x.yml", "run_dir": ""})
+    declared = runner.check_parameters(nb, {"study": "x.yml", "run_dir": ""})
     assert set(declared) == {"study", "run_dir"}
     with pytest.raises(ConfigError) as info:
-        pipeline.check_parameters(nb, {"study": "x.yml", "run_dri": "/tmp"})
+        runner.check_parameters(nb, {"study": "x.yml", "run_dri": "/tmp"})
     assert str(info.value) == (
         "03_metrics.ipynb: unknown parameter(s) run_dri; the notebook declares run_dir, study"
     )
@@ -73,25 +74,25 @@ def test_unknown_parameters_are_refused():
 
 # ------------------------------------------------------------------------------ run folders
 def test_run_ids_are_new_and_folders_never_reused(tmp_path, monkeypatch):
-    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", pipeline.new_run_id())
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", runs.new_run_id())
     ids = iter(["20250101T000000Z-aaaaaa", "20250101T000000Z-aaaaaa", "20250101T000000Z-bbbbbb"])
-    monkeypatch.setattr(pipeline, "new_run_id", lambda: next(ids))
-    first_id, first = pipeline._create_run_dir(tmp_path)
+    monkeypatch.setattr(runs, "new_run_id", lambda: next(ids))
+    first_id, first = runs._create_run_dir(tmp_path)
     (first / "keep.txt").write_text("first run")
-    second_id, second = pipeline._create_run_dir(tmp_path)
+    second_id, second = runs._create_run_dir(tmp_path)
     assert (first_id, second_id) == ("20250101T000000Z-aaaaaa", "20250101T000000Z-bbbbbb")
     assert (first / "keep.txt").read_text() == "first run"
-    assert pipeline.list_runs(tmp_path) == [first, second]
+    assert runs.list_runs(tmp_path) == [first, second]
 
 
 def test_collect_failures_aggregates_the_stages(tmp_path):
-    paths = pipeline.RunPaths(
+    paths = runs.RunPaths(
         tmp_path, tmp_path / "w", tmp_path / "s", tmp_path / "m", tmp_path / "d.csv"
     )
-    pipeline.write_failures(paths, "metrics", pd.DataFrame({"subject": ["b"], "error": ["x"]}))
-    pipeline.write_failures(paths, "segment", pd.DataFrame({"subject": ["a"], "error": ["y"]}))
-    pipeline.write_failures(paths, "qc", pd.DataFrame(columns=["subject", "error"]))
-    table = pipeline.collect_failures(tmp_path)
+    runs.write_failures(paths, "metrics", pd.DataFrame({"subject": ["b"], "error": ["x"]}))
+    runs.write_failures(paths, "segment", pd.DataFrame({"subject": ["a"], "error": ["y"]}))
+    runs.write_failures(paths, "qc", pd.DataFrame(columns=["subject", "error"]))
+    table = runs.collect_failures(tmp_path)
     assert table.to_dict("records") == [
         {"subject": "a", "stage": "segment", "error": "y"},
         {"subject": "b", "stage": "metrics", "error": "x"},
@@ -150,7 +151,7 @@ def _widget_notebook() -> nbformat.NotebookNode:
 def test_export_html_is_offline_codeless_and_shows_final_progress(tmp_path):
     path = tmp_path / "report.ipynb"
     nbformat.write(_widget_notebook(), path)
-    html = pipeline.export_html(path).read_text(encoding="utf-8")
+    html = runner.export_html(path).read_text(encoding="utf-8")
     assert "secret_code_marker" not in html  # code cells excluded
     assert not re.search(r"<script[^>]+src=", html), "nothing loaded from the network"
     assert "measure: 100%|██████████| 6/6 [00:03<00:00]" in html.replace("&lt;", "<")
@@ -181,7 +182,7 @@ def test_index_escapes_what_it_shows(tmp_path):
         {"subject": ["<script>x</script>"], "stage": ["qc"], "error": ["a & b"]}
     )
     excluded = pd.DataFrame(columns=["subject", "reason", "source"])
-    text = pipeline.write_index(tmp_path, manifest, failures, excluded).read_text()
+    text = provenance.write_index(tmp_path, manifest, failures, excluded).read_text()
     assert "<script>x</script>" not in text
     assert "&lt;script&gt;x&lt;/script&gt;" in text
     assert "a &amp; b" in text
@@ -192,7 +193,7 @@ def test_invalid_study_stops_before_writing(tmp_path, capsys):
     study = tmp_path / "study.yml"
     study.write_text("study: x\nimages: none/*.nii.gz\nlabels: labels.json\n")
     with pytest.raises(ConfigError, match=r"^study.yml: labels: "):
-        pipeline.run_study(study)
+        runner.run_study(study)
     assert main(["run", str(study)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("esma run: error: study.yml: labels: ")
@@ -237,7 +238,7 @@ def test_run_study_exit_codes_and_failed_notebooks(tmp_path, example_dir, capsys
     _notebook(nbs, "c_bug", "1 / 0")
 
     with pytest.raises(ConfigError, match="unknown parameter"):
-        pipeline.run_study(
+        runner.run_study(
             study,
             notebooks=["a_ok"],
             notebook_dir=nbs,
@@ -245,12 +246,12 @@ def test_run_study_exit_codes_and_failed_notebooks(tmp_path, example_dir, capsys
         )
     assert not (tmp_path / "out").exists()  # refused before any run folder exists
 
-    ok = pipeline.run_study(study, notebooks=["a_ok"], notebook_dir=nbs, progress=False)
+    ok = runner.run_study(study, notebooks=["a_ok"], notebook_dir=nbs, progress=False)
     assert ok.exit_code == 0
     assert [nb.ok for nb in ok.notebooks] == [True]
     assert "hello from" in (ok.run_dir / "a_ok.html").read_text()
 
-    bad = pipeline.run_study(
+    bad = runner.run_study(
         study, notebooks=["a_ok", "b_bad_input", "a_ok"], notebook_dir=nbs, progress=False
     )
     assert bad.exit_code == 2  # an esma input error inside a notebook
@@ -261,10 +262,10 @@ def test_run_study_exit_codes_and_failed_notebooks(tmp_path, example_dir, capsys
     index = (bad.run_dir / "index.html").read_text()
     assert "stopped: invalid input" in index
 
-    bug = pipeline.run_study(study, notebooks=["c_bug"], notebook_dir=nbs, progress=False)
+    bug = runner.run_study(study, notebooks=["c_bug"], notebook_dir=nbs, progress=False)
     assert bug.exit_code == 1
     assert bug.notebooks[0].error_name == "ZeroDivisionError"
-    assert len(pipeline.list_runs(tmp_path / "out")) == 3
+    assert len(runs.list_runs(tmp_path / "out")) == 3
     manifest = json.loads((bug.run_dir / "manifest.json").read_text())
     assert manifest["exit_code"] == 1
     assert [c["role"] for c in manifest["checksums"]] == ["study file", "labels", "image", "mask"]
@@ -331,10 +332,10 @@ def ci_runs(base: Path) -> dict:
     _add_identity(folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ESMA_CACHE", str(base / "esma_cache"))  # model unpacked here, not in ~
-        first = pipeline.run_study(study, progress=False)
+        first = runner.run_study(study, progress=False)
         digest = _tree_digest(first.run_dir)
         # the re-run: the per-subject stages (segmentation, measurement, QC) must reuse
-        second = pipeline.run_study(study, progress=False, notebooks=RERUN_NOTEBOOKS)
+        second = runner.run_study(study, progress=False, notebooks=RERUN_NOTEBOOKS)
     record = {
         "study": str(study),
         "bad": bad,
@@ -356,7 +357,7 @@ def e2e(tmp_path_factory) -> dict:
 @pytest.mark.e2e
 def test_e2e_every_notebook_ran_and_reported(e2e):
     run = Path(e2e["runs"][0])
-    for name in pipeline.NOTEBOOKS:
+    for name in runner.NOTEBOOKS:
         nb = nbformat.read(run / f"{name}.ipynb", as_version=4)
         errors = [
             o
@@ -381,7 +382,7 @@ def test_e2e_every_notebook_ran_and_reported(e2e):
     # progress bars of the per-subject loops end at 100 % in the reports
     assert re.search(r"QC: 100%\|█+\|", (run / "02_qc.html").read_text(encoding="utf-8"))
     index = (run / "index.html").read_text(encoding="utf-8")
-    for name in pipeline.NOTEBOOKS:
+    for name in runner.NOTEBOOKS:
         assert f'href="{name}.html"' in index
 
 
@@ -509,7 +510,7 @@ def test_interactive_paths_fall_back_to_the_latest_run(tmp_path):
         run.mkdir(parents=True)
     (old / "asymmetry.csv").write_text("old")
     (new / "asymmetry.csv").write_text("new")
-    paths = pipeline.RunPaths(
+    paths = runs.RunPaths(
         out / "interactive",
         out / "work",
         out / "work/seg",
@@ -521,7 +522,7 @@ def test_interactive_paths_fall_back_to_the_latest_run(tmp_path):
     assert paths.upstream("asymmetry.csv").read_text() == "new"
     with pytest.raises(OutputError, match="run the earlier notebooks first"):
         paths.upstream("qc.csv")
-    batch = pipeline.RunPaths(new, out / "work", out / "s", out / "m", out / "d.csv")
+    batch = runs.RunPaths(new, out / "work", out / "s", out / "m", out / "d.csv")
     with pytest.raises(OutputError, match="has not run"):
         batch.upstream("qc.csv")
 
@@ -537,7 +538,7 @@ def test_mosaic_gallery_orders_by_status_and_caps(tmp_path):
     summary = pd.DataFrame(
         {"subject": ["s-pass", "s-fail", "s-flag"], "status": ["pass", "fail", "flag"]}
     )
-    html = pipeline.mosaic_gallery(mosaics, summary, width_px=200, max_images=2).data
+    html = s3_qc.mosaic_gallery(mosaics, summary, width_px=200, max_images=2).data
     assert html.count("data:image/jpeg;base64,") == 2
     assert html.index("s-fail (QC fail)") < html.index("s-flag (QC flag)")
     assert "1 more mosaics in the run folder" in html
@@ -549,11 +550,11 @@ def test_redact_paths_keeps_file_names_only():
         "InputFileError: /data/DOE_JOHN/visit 1/sub-7_T2w.nii.gz: unreadable; "
         "see /srv/x/y/labels.json"
     )
-    assert pipeline.redact_paths(text) == (
+    assert runs.redact_paths(text) == (
         "InputFileError: sub-7_T2w.nii.gz: unreadable; see labels.json"
     )
-    assert pipeline.redact_paths("/data/DOE_JOHN/sub-7_T2w.nii.gz: bad") == "sub-7_T2w.nii.gz: bad"
-    assert pipeline.redact_paths("ratio 1/2, p < 0.05") == "ratio 1/2, p < 0.05"
+    assert runs.redact_paths("/data/DOE_JOHN/sub-7_T2w.nii.gz: bad") == "sub-7_T2w.nii.gz: bad"
+    assert runs.redact_paths("ratio 1/2, p < 0.05") == "ratio 1/2, p < 0.05"
 
 
 @pytest.mark.e2e

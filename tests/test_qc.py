@@ -20,7 +20,7 @@ from nibabel.orientations import (
 )
 from scipy.stats import norm
 
-from helpers import qc
+from helpers import overlap, qc, synthetic
 from helpers.errors import ConfigError, GeometryMismatchError, InputFileError
 from helpers.labels import Label, LabelTable
 from helpers.nifti import Volume
@@ -196,7 +196,6 @@ def test_world_centroids_follow_the_affine_not_array_order():
 
 
 def test_lateralization_on_synthetic_phantoms_lps_and_ras():
-    synthetic = pytest.importorskip("helpers.synthetic")
     for orientation in ("LPS", "RAS"):
         ph = synthetic.make_phantom("syn-lat", template="small", seed=3, orientation=orientation)
         mask = np.asarray(ph.mask.dataobj).astype(np.int16)
@@ -407,12 +406,12 @@ def test_qc_rows_have_the_documented_columns_and_known_checks():
 def test_dice_on_tiny_arrays_equals_hand_computation():
     a = np.array([[1, 1, 0], [0, 1, 0]], dtype=bool)  # |A| = 3
     b = np.array([[0, 1, 1], [0, 1, 1]], dtype=bool)  # |B| = 4, |A n B| = 2
-    assert qc.dice(a, b) == pytest.approx(2 * 2 / 7)
-    assert qc.dice(a, a) == 1.0
-    assert qc.dice(a, ~a) == 0.0
-    assert math.isnan(qc.dice(np.zeros(4, bool), np.zeros(4, bool)))
+    assert overlap.dice(a, b) == pytest.approx(2 * 2 / 7)
+    assert overlap.dice(a, a) == 1.0
+    assert overlap.dice(a, ~a) == 0.0
+    assert math.isnan(overlap.dice(np.zeros(4, bool), np.zeros(4, bool)))
     with pytest.raises(ValueError, match="shapes differ"):
-        qc.dice(a, b.ravel())
+        overlap.dice(a, b.ravel())
 
     auto = np.array([[1, 1, 2, 0]])
     manual = np.array([[1, 0, 2, 2]])
@@ -809,26 +808,31 @@ def test_select_slices_spreads_over_labelled_slices():
 # --------------------------------------------------------------------------------------------
 
 
-def test_run_qc_on_files_writes_tables_mosaics_and_seeds_decisions(tmp_path):
+def test_qc_stage_on_files_writes_tables_mosaics_and_seeds_decisions(tmp_path, study_folder):
+    """The one QC driver (the stage a run executes) on two readable subjects and an unreadable
+    mask: known statuses, the file named but not its folder, decisions seeded from QC."""
+    import json
+
+    from helpers import runs
+    from helpers.stages import s1_segment, s3_qc
+    from helpers.training import labels_document
+
+    data = tmp_path / "data"
+    data.mkdir()
     affine = _lps_affine()
-    paths = {}
     for subject, mask in (("sub-01", _anatomy()), ("sub-02", _swap_sides(_anatomy()))):
-        img = nib.Nifti1Image(_image_for(mask), affine)
-        msk = nib.Nifti1Image(mask.astype(np.uint8), affine)
-        nib.save(img, tmp_path / f"{subject}_T2w.nii.gz")
-        nib.save(msk, tmp_path / f"{subject}_dseg.nii.gz")
-        paths[subject] = (tmp_path / f"{subject}_T2w.nii.gz", tmp_path / f"{subject}_dseg.nii.gz")
-    (tmp_path / "sub-03_dseg.nii.gz").write_bytes(b"not a nifti")
-    cases = pd.DataFrame(
-        [{"subject": s, "image": i, "mask": m} for s, (i, m) in paths.items()]
-        + [{"subject": "sub-03", "image": None, "mask": tmp_path / "sub-03_dseg.nii.gz"}]
-    )
-    out = tmp_path / "qc"
-    res = qc.run_qc(cases, LABELS, out, progress=False)
-    assert res.qc_csv == out / "qc.csv"
-    table = pd.read_csv(res.qc_csv, keep_default_na=False, na_values=[""])
+        nib.save(nib.Nifti1Image(_image_for(mask), affine), data / f"{subject}_T2w.nii.gz")
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), data / f"{subject}_dseg.nii.gz")
+    nib.save(nib.Nifti1Image(_image_for(_anatomy()), affine), data / "sub-03_T2w.nii.gz")
+    (data / "sub-03_dseg.nii.gz").write_bytes(b"not a nifti")
+    (data / "labels.json").write_text(json.dumps(labels_document(LABELS)))
+    study, paths = runs.open_study(study_folder(data), tmp_path / "run")
+    out = s3_qc.qc_stage(study, paths, s1_segment.segment_stage(study, paths, progress=False),
+                         progress=False)
+    table = pd.read_csv(paths.file("qc.csv"), keep_default_na=False, na_values=[""])
     assert tuple(table.columns) == qc.QC_COLUMNS
-    summary = pd.read_csv(res.summary_csv, keep_default_na=False).set_index("subject")
+    own = table[~table["check"].str.startswith("outlier")]  # the per-subject checks
+    summary = qc.summarize_qc(own, subjects=["sub-01", "sub-02", "sub-03"]).set_index("subject")
     # the clean tiny anatomy: only its 120 mm2 multifidus is flagged (below 150 mm2)
     assert summary.loc["sub-01", "status"] == "flag"
     assert summary.loc["sub-01", "reasons"].startswith("flag csa_range right multifidus, left")
@@ -839,10 +843,8 @@ def test_run_qc_on_files_writes_tables_mosaics_and_seeds_decisions(tmp_path):
     reason = table[table["subject"] == "sub-03"]["reason"].iloc[0]
     assert reason.startswith("sub-03_dseg.nii.gz: ")
     assert str(tmp_path) not in reason  # file named, folder (possibly identifying) not
-    assert set(res.mosaics) == {"sub-01", "sub-02"}
-    assert all(p.is_file() and p.stat().st_size > 0 for p in res.mosaics.values())
-
-    decisions = qc.init_decisions(res.summary, out / "qc_decisions.csv").set_index("subject")
+    assert set(out.mosaics) == {"sub-01", "sub-02"}
+    decisions = out.decisions.set_index("subject")
     assert decisions["decision"].to_dict() == {
         "sub-01": "include",
         "sub-02": "exclude",
@@ -850,24 +852,24 @@ def test_run_qc_on_files_writes_tables_mosaics_and_seeds_decisions(tmp_path):
     }
 
 
-def test_run_qc_on_synthetic_phantom_with_cohort_metrics(tmp_path):
-    synthetic = pytest.importorskip("helpers.synthetic")
-    ph = synthetic.make_phantom("syn-007", template="small", seed=2, orientation="RAS")
-    nib.save(ph.image, tmp_path / "img.nii.gz")
-    nib.save(ph.mask, tmp_path / "msk.nii.gz")
-    cases = {"syn-007": (tmp_path / "img.nii.gz", tmp_path / "msk.nii.gz")}
-    res = qc.run_qc(
-        cases,
-        ph.labels,
-        tmp_path / "qc",
-        levels={"syn-007": ph.levels},
-        metrics=_cohort(),
-        progress=False,
-    )
-    rows = res.qc[res.qc["subject"] == "syn-007"]
+def test_qc_stage_on_a_synthetic_phantom_with_its_levels(tmp_path, phantom_files, study_folder):
+    """A clean phantom through the QC stage: sides and labels pass, every planted level gets
+    rows, and the cohort outlier checks run on the measure stage's output."""
+    from helpers import runs
+    from helpers.stages import s1_segment, s3_qc
+
+    files = phantom_files("syn-007", seed=2, orientation="RAS")
+    study_file = study_folder(files["image"].parent, extra="levels: '{subject}_levels.csv'\n")
+    study, paths = runs.open_study(study_file, tmp_path / "run")
+    out = s3_qc.qc_stage(study, paths, s1_segment.segment_stage(study, paths, progress=False),
+                         progress=False)
+    rows = out.qc[out.qc["subject"] == "syn-007"]
     assert set(_rows(rows, "lateralization")["status"]) == {"pass"}
     assert set(_rows(rows, "empty_label")["status"]) == {"pass"}
-    assert set(rows["level"]) >= set(ph.levels["level"]) | {"all"}
-    assert "outlier_csa_mm2" in set(res.qc["check"])
-    assert res.summary["subject"].iloc[0] == "syn-007"
-    assert (tmp_path / "qc" / "mosaics" / "syn-007.png").is_file()
+    planted = set(pd.read_csv(files["levels"], dtype=str)["level"].dropna())
+    assert set(rows["level"].astype(str)) >= planted | {"all"}
+    assert "outlier_csa_mm2" in set(out.qc["check"])
+    assert out.summary["subject"].tolist() == ["syn-007"]
+    assert out.measured["status"].tolist() == ["computed"]
+    assert set(out.mosaics) == {"syn-007"}
+

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pipeline
+from helpers import runner
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 CHROMIUM_FLAGS = (
@@ -186,7 +186,7 @@ def test_reports_load_in_chromium_without_errors(e2e_run, tmp_path_factory):
     shots = Path(os.environ.get("ESMA_SCREENSHOT_DIR") or tmp_path_factory.getbasetemp())
     shots = shots / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
-    pages = ["index", *pipeline.NOTEBOOKS]
+    pages = ["index", *runner.NOTEBOOKS]
     # a control page with the faults the check must catch (proves the check can fail)
     control = tmp_path_factory.mktemp("control") / "control.html"
     control.write_text(

@@ -24,6 +24,7 @@ from helpers.cli import main
 from helpers.errors import ConfigError, InputFileError, ModelError
 from helpers.labels import load_labels, parse_labels, split_sides
 from helpers.nifti import load_mask
+from helpers.overlap import dice_per_label
 from helpers.segment import (
     Segmenter,
     SegmentSettings,
@@ -35,7 +36,7 @@ from helpers.segment import (
     side_check,
 )
 from helpers.synthetic import reorient
-from helpers.training import dice_per_label, export_model, make_untrained_model
+from helpers.training import export_model, make_untrained_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "data" / "demo_model" / "esma_demo_model.zip"

@@ -15,15 +15,14 @@ from statsmodels.stats.multitest import multipletests
 
 from helpers.clinical import PlantedRelation, simulate_asymmetry, simulate_clinical
 from helpers.errors import InputFileError
-from helpers.labels import parse_labels
 from helpers.scores import score_clinical
 from helpers.stats import (
     CORRELATION_COLUMNS,
     INTERACTION_COLUMNS,
     StatsInputError,
+    analyse,
     bland_altman,
     correlation_table,
-    dice_per_label,
     fisher_exact_2col,
     icc_2_1,
     index_columns,
@@ -245,6 +244,18 @@ def test_missing_covariate_column_is_an_error(cohort):
     asym, scores = cohort
     with pytest.raises(StatsInputError, match=r"lacks covariate column\(s\) \['smoking'\]"):
         correlation_table(asym, scores, covariates=("age", "smoking"))
+
+
+def test_the_one_statistics_entry_names_a_misspelled_covariate(cohort):
+    """esma stats and a run's statistics stage both call analyse: a misspelled covariate is
+    an error naming it (with the close match), never silently dropped."""
+    asym, scores = cohort
+    with pytest.raises(StatsInputError, match=r"\['bmii'\] \(did you mean 'bmi'\?\)"):
+        analyse(asym, scores, covariates=("age", "bmii"))
+    result = analyse(asym, scores, covariates=("age",), indices=["cdi"])
+    expected = correlation_table(asym, scores, covariates=("age",), indices=["cdi"])
+    pd.testing.assert_frame_equal(result.correlations, expected)
+    assert set(result.analysed["subject"]) == set(asym["subject"]) & set(scores["subject"])
 
 
 # ------------------------------------------------------------------------ unmatched subjects
@@ -501,27 +512,6 @@ def test_bland_altman_hand_computed():
     assert r["loa_high_ci_high"] == pytest.approx(r["loa_high"] + t3 * se_loa, abs=1e-9)
     with pytest.raises(StatsInputError, match="one shape"):
         bland_altman([1, 2], [1, 2, 3])
-
-
-def test_dice_per_label_on_tiny_arrays():
-    a = np.array([[1, 1, 0, 0], [2, 2, 2, 0], [0, 0, 0, 0]])
-    b = np.array([[1, 0, 0, 0], [2, 2, 0, 0], [0, 0, 2, 0]])
-    d = dice_per_label(a, b, {1: "multifidus_left", 2: "multifidus_right", 3: "psoas_left"})
-    assert d.to_dict("records")[:2] == [
-        {"label": 1, "name": "multifidus_left", "n_a_vox": 2, "n_b_vox": 1, "n_overlap_vox": 1,
-         "dice": 2 / 3},
-        {"label": 2, "name": "multifidus_right", "n_a_vox": 3, "n_b_vox": 3,
-         "n_overlap_vox": 2, "dice": 2 / 3},
-    ]
-    assert np.isnan(d.loc[2, "dice"])  # in neither mask
-    same = dice_per_label(a, a, [1, 2])
-    assert same["dice"].tolist() == [1.0, 1.0]
-    disjoint = dice_per_label(np.array([1, 0]), np.array([0, 1]), [1])
-    assert disjoint["dice"].tolist() == [0.0]
-    table = parse_labels({"labels": [{"value": 1, "muscle": "erector_spinae", "side": "left"}]})
-    assert dice_per_label(a, b, table)["name"].tolist() == ["erector_spinae_left"]
-    with pytest.raises(StatsInputError, match="one shape"):
-        dice_per_label(a, b[:2], [1])
 
 
 # ---------------------------------------------------------------------------------- loading

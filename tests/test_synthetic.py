@@ -330,8 +330,13 @@ def test_cohort_draws_realistic_parameters(tmp_path):
 
 def test_module_main_writes_a_sample(tmp_path):
     assert syn.main([str(tmp_path), "--n", "1", "--template", "small"]) == 0
-    assert (tmp_path / "syn-001" / "syn-001_T2w.nii.gz").is_file()
-    assert (tmp_path / "manifest.csv").is_file()
+    manifest = pd.read_csv(tmp_path / "manifest.csv", dtype=str)
+    assert manifest["subject"].tolist() == ["syn-001"]
+    image = nib.load(tmp_path / "syn-001" / "syn-001_T2w.nii.gz")
+    mask = np.asarray(nib.load(tmp_path / "syn-001" / "syn-001_dseg.nii.gz").dataobj)
+    assert image.shape == mask.shape
+    labels = json.loads((tmp_path / "syn-001" / "labels.json").read_text())["labels"]
+    assert set(np.unique(mask)) - {0} <= {int(lab["value"]) for lab in labels}
 
 
 @pytest.mark.parametrize(

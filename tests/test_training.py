@@ -19,6 +19,8 @@ from helpers.errors import (
     ModelError,
 )
 from helpers.labels import load_labels, parse_labels
+from helpers.nnunet_runtime import find_trainer_class
+from helpers.overlap import dice_per_label
 from helpers.segment import load_model
 from helpers.training import (
     NnunetDirs,
@@ -30,9 +32,7 @@ from helpers.training import (
     _validation_table,
     check_training_cases,
     dataset_json_labels,
-    dice_per_label,
     export_model,
-    find_trainer_class,
     make_untrained_model,
     pair_cases,
     write_raw_dataset,

@@ -233,11 +233,12 @@ def test_view_3d_niivue_errors_name_the_problem(tmp_path, monkeypatch):
 
 
 def test_qc_notebook_view_shows_the_worst_subject_with_the_chosen_backend(tmp_path, example_dir):
-    """``pipeline.qc_view_3d`` (the 02_qc cell): NiiVue by default, itkwidgets when asked."""
+    """``s3_qc.qc_view_3d`` (the 02_qc cell): NiiVue by default, itkwidgets when asked."""
     ipyniivue = pytest.importorskip("ipyniivue")
     import shutil
 
-    from helpers import pipeline
+    from helpers.runs import open_study
+    from helpers.stages import s1_segment, s3_qc
 
     shutil.copyfile(example_dir / "labels.json", tmp_path / "labels.json")
     good = nib.load(example_dir / "sub-0001_T1w_dseg.nii.gz")
@@ -252,16 +253,16 @@ def test_qc_notebook_view_shows_the_worst_subject_with_the_chosen_backend(tmp_pa
         "study: tiny\nimages: '*_T2w.nii.gz'\nlabels: labels.json\n"
         "masks: 'masks/{subject}.nii.gz'\noutput: out\nqc: {z_edge_status: pass}\n"
     )
-    study, paths = pipeline.open_study(tmp_path / "study.yml", tmp_path / "out" / "run")
+    study, paths = open_study(tmp_path / "study.yml", tmp_path / "out" / "run")
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    seg = pipeline.segment_stage(study, paths, progress=False)
-    out = pipeline.qc_stage(study, paths, seg, progress=False)
+    seg = s1_segment.segment_stage(study, paths, progress=False)
+    out = s3_qc.qc_stage(study, paths, seg, progress=False)
     assert out.summary.set_index("subject").loc["sub-0002", "status"] == "fail"
-    nv = pipeline.qc_view_3d(study, paths, out)
+    nv = s3_qc.qc_view_3d(study, paths, out)
     assert isinstance(nv, ipyniivue.NiiVue)
     overlay = nv.volumes[1]
     assert overlay.get_state()["path"]["data"] == (tmp_path / "masks/sub-0002.nii.gz").read_bytes()
     assert "right_multifidus" in overlay.colormap_label.labels
     if importlib.util.find_spec("itkwidgets") is not None:
-        itk_view = pipeline.qc_view_3d(study, paths, out, backend="itkwidgets")
+        itk_view = s3_qc.qc_view_3d(study, paths, out, backend="itkwidgets")
         assert type(itk_view).__module__.startswith("itkwidgets")
