@@ -362,9 +362,24 @@ def _report_run(result: Any) -> int:
     return int(result.exit_code)
 
 
+def _passive_openmp_for_kernels() -> None:
+    """Idle OpenMP threads of the notebooks' kernels sleep instead of spinning (issue 19).
+
+    The kernels inherit this process's environment, and torch reads the variable when it
+    loads, so it must be set before a kernel starts: as ``esma segment`` sets it for itself.
+    Without it the segment stage of a fresh 3-subject run took 85 s and 24 s of CPU on the busy
+    2-core machine, with it 13 s and 7.5 s (benchmarks/bench_throughput.py, same invocation).
+    A value the user set is kept.
+    """
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from helpers.runner import run_study
 
+    _passive_openmp_for_kernels()
     result = run_study(args.study, progress=not args.quiet, stream_output=args.show_output)
     return _report_run(result)
 
@@ -389,6 +404,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             parser_msg = f"--subjects must be at least 1, got {args.subjects}"
             raise EsmaError(parser_msg)
         spec = replace(spec, n_synthetic=args.subjects)
+    _passive_openmp_for_kernels()
     result = run_demo(args.out, spec, progress=not args.quiet)
     return _report_run(result)
 

@@ -32,6 +32,7 @@ or date is drawn or written into the QC tables.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -70,6 +71,7 @@ __all__ = [
     "check_subject",
     "cohort_outliers",
     "component_table",
+    "compose_mosaic",
     "coverage_table",
     "dice_table",
     "excluded_subjects",
@@ -80,6 +82,7 @@ __all__ = [
     "midline_checks",
     "mosaic_png_bytes",
     "mosaic_size_px",
+    "mosaic_slices_for",
     "orient_slice",
     "outlier_checks",
     "patient_right_screen_side",
@@ -206,11 +209,25 @@ class QCSettings:
         below it (a gap).  Default ``"flag"``.  Absence from levels at either end of a muscle's
         span (the quadratus lumborum ends above S1) is anatomy and passes, with a reason.
     mosaic_max_slices : int
-        Most slices in a subject's overlay mosaic.  Default 12.
+        Most slices in the overlay mosaic of a subject with a ``fail`` or ``flag`` among its
+        own checks.  Default 12.
+    mosaic_pass_max_slices : int
+        Most slices in the mosaic of a subject whose own checks all pass: a thumbnail that a
+        reviewer skims (the QC report shows failed and flagged subjects first).  Default 4; set
+        it to ``mosaic_max_slices`` for full mosaics of every subject.  The cohort outlier
+        checks run after the mosaics are drawn, so a subject flagged only as a cohort outlier
+        has the thumbnail; the QC browser shows all its slices.  See
+        :func:`mosaic_slices_for`.
     mosaic_opacity : float
         Label overlay opacity (0-1) in mosaics.  Default 0.45.
     convention : {"radiological", "neurological"}
         Screen convention of overlays.  Default ``"radiological"`` (patient right on screen left).
+    mosaic_renderer : {"direct", "matplotlib"}
+        How mosaics are drawn.  ``"direct"`` (default) composes the PNG from the image arrays
+        (:func:`compose_mosaic`: numpy windowing, a label colour lookup, nearest-neighbour
+        scaling, PIL text): 0.065 s of CPU per demo subject against 0.47-0.58 s for
+        ``"matplotlib"`` (:func:`render_mosaic`, a figure with one axes per tile), which stays
+        available; same geometry, colours, orientation and annotations.
     max_outside_body_fraction : float
         A label with more than this share (0-1) of its voxels outside the body outline fails
         (``inside_body``).  Default 0.10.
@@ -254,8 +271,10 @@ class QCSettings:
     empty_label_status: str = "fail"
     level_absent_status: str = "flag"
     mosaic_max_slices: int = 12
+    mosaic_pass_max_slices: int = 4
     mosaic_opacity: float = 0.45
     convention: str = "radiological"
+    mosaic_renderer: str = "direct"
     max_outside_body_fraction: float = 0.10
     max_posterior_cover_mm: float = 25.0
     max_fat_intensity_ratio: float = 0.85
@@ -327,6 +346,7 @@ _CHOICES = {
     "empty_label_status": ("fail", "flag"),
     "level_absent_status": STATUSES,
     "convention": ("radiological", "neurological"),
+    "mosaic_renderer": ("direct", "matplotlib"),
     "csa_range_status": ("flag", "pass"),
     "outlier_flag_levels": ("all", "each"),
 }
@@ -340,6 +360,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "min_lateral_separation_mm": (0.0, math.inf),
     "max_border_voxels": (0, math.inf),
     "mosaic_max_slices": (1, 200),
+    "mosaic_pass_max_slices": (1, 200),
     "mosaic_opacity": (0.0, 1.0),
     "max_outside_body_fraction": (0.0, 1.0),
     "max_posterior_cover_mm": (0.0, math.inf),
@@ -405,6 +426,27 @@ def worst_status(statuses: Iterable[str]) -> str:
         if severity_rank(s) > severity_rank(worst):
             worst = s
     return worst
+
+
+def mosaic_slices_for(statuses: Iterable[str], settings: QCSettings) -> int:
+    """Slices of a subject's mosaic: all it may have when a check failed or flagged it.
+
+    Parameters
+    ----------
+    statuses : iterable of str
+        The statuses of the subject's own check rows (``pass``/``flag``/``fail``).
+    settings : QCSettings
+        ``mosaic_max_slices`` and ``mosaic_pass_max_slices``.
+
+    Examples
+    --------
+    >>> s = QCSettings()
+    >>> mosaic_slices_for(["pass", "flag"], s), mosaic_slices_for(["pass", "pass"], s)
+    (12, 4)
+    """
+    if worst_status(statuses) != "pass":
+        return settings.mosaic_max_slices
+    return min(settings.mosaic_pass_max_slices, settings.mosaic_max_slices)
 
 
 def _row(
@@ -1390,8 +1432,14 @@ def _anterior_screen_side(affine: NDArray[np.float64], view: AxialView) -> str:
 
 
 def orient_slice(volume: NDArray, view: AxialView, index: int) -> NDArray:
-    """Slice ``index`` (along ``view.slice_axis``, file order) as a screen image (rows, cols)."""
-    plane = np.take(volume, index, axis=view.slice_axis)
+    """Slice ``index`` (along ``view.slice_axis``, file order) as a screen image (rows, cols).
+
+    A view of ``volume`` (basic indexing; ``np.take`` copied about 9 ms of a realistic scan per
+    call).
+    """
+    where: list[int | slice] = [slice(None)] * np.ndim(volume)
+    where[view.slice_axis] = int(index)
+    plane = np.asarray(volume)[tuple(where)]
     remaining = [i for i in range(3) if i != view.slice_axis]
     if remaining.index(view.row_axis) != 0:
         plane = plane.T
@@ -1601,18 +1649,215 @@ def render_mosaic(
     return fig
 
 
+# Direct composition (issue 19): the mosaic drawn from the image arrays, no figure per tile.
+#: Text sizes (pixels) of the directly composed mosaic, matching the matplotlib figure's
+#: points at :data:`_DPI` (8 pt titles, 9 pt bold orientation letters, 10 pt header, 7 pt legend).
+_TITLE_PX, _LETTER_PX, _HEADER_TEXT_PX, _LEGEND_TEXT_PX = 11, 13, 14, 10
+#: Height (pixels) of the title strip above each tile's image.
+_TILE_TITLE_PX = 16
+_YELLOW = (255, 255, 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size_px: int, bold: bool = False) -> Any:
+    """DejaVu Sans (the font matplotlib's mosaics used) at ``size_px``; PIL's own as a fallback."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", name)), size_px)
+    except (ImportError, OSError):  # pragma: no cover - matplotlib without its fonts
+        return ImageFont.load_default(size_px)
+
+
+def _colour_lut(
+    top: int, colours: Mapping[int, tuple[float, float, float]]
+) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """RGB (0-255) and "drawn" flag per label value ``0..top`` (undeclared values: white)."""
+    rgb = np.full((top + 1, 3), 255.0, dtype=np.float32)
+    drawn = np.ones(top + 1, dtype=bool)
+    drawn[0] = False
+    for value, colour in colours.items():
+        if 0 <= value <= top:
+            rgb[value] = np.asarray(colour, dtype=np.float32) * 255.0
+    return rgb, drawn
+
+
+def _nearest_index(n_out: int, n_in: int) -> NDArray[np.intp]:
+    """Source index of each of ``n_out`` output pixels spanning ``n_in`` input pixels."""
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.intp), n_in - 1)
+
+
+def _fit(n_rows: int, n_cols: int, aspect: float, box_w: int, box_h: int) -> tuple[int, int]:
+    """(height, width) in pixels of a ``n_rows x n_cols`` slice shown with ``aspect`` in a box."""
+    height_units, width_units = n_rows * aspect, float(n_cols)
+    scale = min(box_w / width_units, box_h / height_units)
+    return max(1, round(height_units * scale)), max(1, round(width_units * scale))
+
+
+def compose_mosaic(
+    image: Volume,
+    mask: Volume,
+    labels: LabelTable,
+    *,
+    subject: str | None = None,
+    levels: pd.DataFrame | None = None,
+    max_slices: int = 12,
+    ncols: int = 4,
+    opacity: float = 0.45,
+    convention: str = "radiological",
+) -> NDArray[np.uint8]:
+    """The overlay mosaic composed directly from the arrays, as an RGB image (rows, cols, 3).
+
+    The same picture as :func:`render_mosaic` without a matplotlib figure: each tile is the
+    slice windowed to the image's 1st-99.5th percentile in grey, labels blended over it with
+    ``opacity`` in :func:`label_colours` (undeclared values white), scaled by nearest neighbour
+    to fit the tile with the voxels' in-plane aspect, in the chosen convention
+    (:func:`axial_view`), with the slice title and the ``R``/``L``/``A``/``P`` letters placed
+    from the affine; the header names the subject and the convention, the legend each label.
+    Size: :func:`mosaic_size_px`.
+
+    Parameters
+    ----------
+    image, mask : Volume
+        The scan and its label mask, on the same grid.
+    labels : LabelTable
+        The declared labels (colours and legend).
+    subject : str, optional
+        Shown in the header.
+    levels : DataFrame, optional
+        Slice-to-level table (``slice``, ``level``) for the tile titles.
+    max_slices, ncols : int
+        Most tiles (:func:`select_slices`) and tiles per row.
+    opacity : float
+        Label opacity (0-1); 0 draws no overlay.
+    convention : {"radiological", "neurological"}
+        Screen convention.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB pixels, black background.
+
+    Raises
+    ------
+    GeometryMismatchError
+        Image and mask are not on the same grid.
+    """
+    from PIL import Image, ImageDraw
+
+    _check_pair(image, mask)
+    view = axial_view(image.affine, convention)
+    data = np.asarray(image.data)
+    labels_data = np.asarray(mask.data)
+    slices = select_slices(labels_data, view.slice_axis, max_slices)
+    n_labels = len(labels.labels)
+    width, height = mosaic_size_px(len(slices), n_labels, ncols)
+    cols = max(1, min(ncols, len(slices)))
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    colours = label_colours(labels)
+    lo, hi = _window(data)
+    top = int(max(labels_data.max(initial=0), max(colours, default=0), 0))
+    lut_rgb, lut_drawn = _colour_lut(top, colours)
+    zooms = image.zooms_mm
+    aspect = zooms[view.row_axis] / zooms[view.col_axis]
+    level_of: dict[int, str] = {}
+    if levels is not None and not levels.empty:
+        level_of = dict(zip(levels["slice"].astype(int), levels["level"].astype(str), strict=True))
+    right = patient_right_screen_side(image.affine, view)
+    anterior = _anterior_screen_side(image.affine, view)
+    boxes = []
+    for i, k in enumerate(slices):
+        plane = orient_slice(data, view, k)
+        lab = orient_slice(labels_data, view, k)
+        box_x, box_y = (i % cols) * TILE_PX, HEADER_PX + (i // cols) * TILE_PX
+        img_h, img_w = _fit(plane.shape[0], plane.shape[1], aspect, TILE_PX - 4,
+                            TILE_PX - _TILE_TITLE_PX - 4)
+        rows_idx = _nearest_index(img_h, plane.shape[0])
+        cols_idx = _nearest_index(img_w, plane.shape[1])
+        grey = np.clip((plane[np.ix_(rows_idx, cols_idx)] - lo) / (hi - lo), 0.0, 1.0)
+        rgb = np.repeat((grey * 255.0).astype(np.float32)[..., None], 3, axis=2)
+        if opacity > 0:
+            shown = np.clip(lab[np.ix_(rows_idx, cols_idx)], 0, top)
+            on = lut_drawn[shown]
+            rgb[on] = (1.0 - opacity) * rgb[on] + opacity * lut_rgb[shown[on]]
+        x0 = box_x + (TILE_PX - img_w) // 2
+        y0 = box_y + _TILE_TITLE_PX + (TILE_PX - _TILE_TITLE_PX - img_h) // 2
+        canvas[y0 : y0 + img_h, x0 : x0 + img_w] = np.rint(rgb).astype(np.uint8)
+        title = f"slice {k}" + (f" · {level_of[k]}" if k in level_of else "")
+        boxes.append((box_x, box_y, x0, y0, img_w, img_h, title))
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    title_font, letter_font = _font(_TITLE_PX), _font(_LETTER_PX, bold=True)
+    for box_x, box_y, x0, y0, img_w, img_h, title in boxes:
+        draw.text((box_x + TILE_PX / 2, box_y + _TILE_TITLE_PX / 2), title, fill="white",
+                  font=title_font, anchor="mm")
+        left_x, right_x = x0 + 0.04 * img_w, x0 + 0.96 * img_w
+        upper_y, lower_y = y0 + 0.05 * img_h, y0 + 0.95 * img_h
+        mid_x, mid_y = x0 + img_w / 2, y0 + img_h / 2
+        for text, xy in (
+            ("R", (left_x if right == "left" else right_x, mid_y)),
+            ("L", (right_x if right == "left" else left_x, mid_y)),
+            ("A", (mid_x, upper_y if anterior == "top" else lower_y)),
+            ("P", (mid_x, lower_y if anterior == "top" else upper_y)),
+        ):
+            draw.text(xy, text, fill=_YELLOW, font=letter_font, anchor="mm")
+    head = f"{subject}  " if subject else ""
+    draw.text(
+        (width / 2, HEADER_PX / 2),
+        f"{head}axial, {view.convention} view: patient's right on screen {right}, anterior up",
+        fill="white",
+        font=_font(_HEADER_TEXT_PX),
+        anchor="mm",
+    )
+    if n_labels:
+        legend_font = _font(_LEGEND_TEXT_PX)
+        legend_top = height - math.ceil(n_labels / LEGEND_COLUMNS) * LEGEND_ROW_PX
+        column_w = width / LEGEND_COLUMNS
+        for j, lab in enumerate(labels.labels):
+            x = (j % LEGEND_COLUMNS) * column_w + 8
+            y = legend_top + (j // LEGEND_COLUMNS) * LEGEND_ROW_PX + LEGEND_ROW_PX / 2
+            fill = tuple(round(255 * c) for c in colours.get(lab.value, (1.0, 1.0, 1.0)))
+            draw.rectangle((x, y - 5, x + 16, y + 5), fill=fill)
+            draw.text((x + 22, y), _name(lab), fill="white", font=legend_font, anchor="lm")
+    return np.asarray(picture)
+
+
+def _png(pixels: NDArray[np.uint8]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+#: zlib level of directly composed mosaics: 1 encodes in a third of the default level 6's time
+#: (41 against 128 ms on the example scan's mosaic) at the size of the matplotlib PNG (574 kB).
+_PNG_COMPRESS_LEVEL = 1
+
+
 def _figure_png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, facecolor=fig.get_facecolor())
     return buf.getvalue()
 
 
-def mosaic_png_bytes(image: Volume, mask: Volume, labels: LabelTable, **kwargs: Any) -> bytes:
+def mosaic_png_bytes(
+    image: Volume, mask: Volume, labels: LabelTable, *, renderer: str = "direct", **kwargs: Any
+) -> bytes:
     """The overlay mosaic as PNG bytes (for ``IPython.display.Image`` or base64 embedding).
 
-    Keyword arguments are those of :func:`render_mosaic`.
+    ``renderer`` is ``"direct"`` (:func:`compose_mosaic`, the default) or ``"matplotlib"``
+    (:func:`render_mosaic`); the other keyword arguments are theirs.
     """
-    return _figure_png(render_mosaic(image, mask, labels, **kwargs))
+    if renderer == "direct":
+        return _png(compose_mosaic(image, mask, labels, **kwargs))
+    if renderer == "matplotlib":
+        return _figure_png(render_mosaic(image, mask, labels, **kwargs))
+    msg = f"renderer must be 'direct' or 'matplotlib', got {renderer!r}"
+    raise ValueError(msg)
 
 
 def save_mosaic(
@@ -1620,8 +1865,9 @@ def save_mosaic(
 ) -> Path:
     """Write the overlay mosaic PNG atomically and return its path.
 
-    Keyword arguments are those of :func:`render_mosaic` (``subject``, ``levels``,
-    ``max_slices``, ``ncols``, ``opacity``, ``convention``).
+    Keyword arguments are those of :func:`mosaic_png_bytes` (``renderer``) and
+    :func:`compose_mosaic` (``subject``, ``levels``, ``max_slices``, ``ncols``, ``opacity``,
+    ``convention``).
     """
     data = mosaic_png_bytes(image, mask, labels, **kwargs)
     out_png = Path(out_png)

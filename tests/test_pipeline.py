@@ -159,6 +159,15 @@ def test_export_html_is_offline_codeless_and_shows_final_progress(tmp_path):
     assert "QC: 100%|##########|" in html
     assert 'alt="cohort figure"' in html
     assert "data:image/png;base64," in html
+    # one exporter serves every notebook of the process (issue 19): a second notebook's page
+    # holds its own content only, and the first exports again to the same page
+    other = tmp_path / "other.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell("x", outputs=[
+        new_output("stream", name="stdout", text="only_in_other\n")])]), other)
+    second = runner.export_html(other).read_text(encoding="utf-8")
+    assert "only_in_other" in second
+    assert "cohort figure" not in second
+    assert runner.export_html(path, tmp_path / "again.html").read_text(encoding="utf-8") == html
 
 
 def test_index_escapes_what_it_shows(tmp_path):

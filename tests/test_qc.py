@@ -873,3 +873,148 @@ def test_qc_stage_on_a_synthetic_phantom_with_its_levels(tmp_path, phantom_files
     assert out.measured["status"].tolist() == ["computed"]
     assert set(out.mosaics) == {"syn-007"}
 
+
+# --------------------------------------------------------------------------------------------
+# Directly composed mosaic (issue 19): the matplotlib figure's picture from the arrays
+# --------------------------------------------------------------------------------------------
+
+
+def _flat_image(mask: np.ndarray) -> np.ndarray:
+    """Air 0, body 600, muscles 100: the window is 0-600, so every grey level is known."""
+    image = np.zeros(mask.shape, dtype=np.float32)
+    image[1:-1, 2:-2, :] = 600.0
+    image[mask > 0] = 100.0
+    return image
+
+
+def _expected_colour(value: int, opacity: float) -> np.ndarray:
+    grey = 100.0 / 600.0 * 255.0
+    colour = np.asarray(qc.label_colours(LABELS)[value]) * 255.0
+    return np.rint((1.0 - opacity) * grey + opacity * colour)
+
+
+def _pixels_of(picture: np.ndarray, colour: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
+    """(row, col) of the pixels within ``tolerance`` of ``colour`` on every channel."""
+    close = np.abs(picture[..., :3].astype(float) - colour).max(axis=-1) <= tolerance
+    return np.argwhere(close)
+
+
+def _tile(pixels: np.ndarray, tile: int, cols: int) -> np.ndarray:
+    top = qc.HEADER_PX + (tile // cols) * qc.TILE_PX
+    left = (tile % cols) * qc.TILE_PX
+    return pixels[top : top + qc.TILE_PX, left : left + qc.TILE_PX]
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS", "PLS"])
+@pytest.mark.parametrize("convention", ["radiological", "neurological"])
+def test_composed_mosaic_colours_label_voxels_on_the_conventions_side(codes, convention):
+    data, affine = _store(_anatomy(), _lps_affine(), codes)
+    image, mask = _volume(_flat_image(data), affine), _volume(data, affine)
+    opacity = 0.45
+    picture = qc.compose_mosaic(
+        image, mask, LABELS, subject="sub-01", max_slices=4, opacity=opacity,
+        convention=convention,
+    )
+    assert picture.dtype == np.uint8
+    assert picture.shape == (*qc.mosaic_size_px(4, len(LABELS.labels))[::-1], 3)
+    for tile in range(4):  # every labelled slice: 1-4
+        pixels = _tile(picture, tile, 4)
+        found = {v: _pixels_of(pixels, _expected_colour(v, opacity)) for v in (1, 2, 3, 4)}
+        # every label drawn in its own colour blended over the muscle's grey, 30 voxels
+        # (5 x 6 in plane) scaled up to at least that many pixels
+        assert all(len(found[v]) >= 30 for v in found), {v: len(p) for v, p in found.items()}
+        # unlabelled voxels keep their windowed grey: body 600 -> 255, air 0 -> 0
+        assert len(_pixels_of(pixels, np.array([255.0, 255.0, 255.0]))) > 100
+        # patient's right (labels 1, 3) on the convention's side, anterior (psoas) up
+        right_col, left_col = found[1][:, 1].mean(), found[2][:, 1].mean()
+        if convention == "radiological":
+            assert right_col < qc.TILE_PX / 2 < left_col
+        else:
+            assert left_col < qc.TILE_PX / 2 < right_col
+        assert found[3][:, 0].mean() < found[1][:, 0].mean()
+        # orientation letters in yellow near the tile's edges and centre lines
+        yellow = _pixels_of(pixels, np.array([255.0, 255.0, 0.0]), tolerance=60)
+        assert (yellow[:, 1] < qc.TILE_PX * 0.2).any()
+        assert (yellow[:, 1] > qc.TILE_PX * 0.8).any()
+    # the legend shows each label's pure colour
+    legend = picture[-qc.LEGEND_ROW_PX :]
+    for value, rgb in qc.label_colours(LABELS).items():
+        assert len(_pixels_of(legend, np.rint(np.asarray(rgb) * 255.0))) > 50, value
+
+
+def test_composed_mosaic_matches_the_matplotlib_figure_it_replaces():
+    data, affine = _store(_anatomy(), _lps_affine(), "RAS")
+    image, mask = _volume(_flat_image(data), affine), _volume(data, affine)
+    direct = imread(io.BytesIO(qc.mosaic_png_bytes(image, mask, LABELS, max_slices=4)))
+    figure = imread(io.BytesIO(
+        qc.mosaic_png_bytes(image, mask, LABELS, max_slices=4, renderer="matplotlib")
+    ))
+    assert direct.shape[:2] == figure.shape[:2] == qc.mosaic_size_px(4, 4)[::-1]
+    direct, figure = np.rint(direct[..., :3] * 255), np.rint(figure[..., :3] * 255)
+    for tile in range(4):
+        for value in (1, 2, 3, 4):
+            colour = _expected_colour(value, 0.45)
+            a = _pixels_of(_tile(direct, tile, 4), colour)
+            b = _pixels_of(_tile(figure, tile, 4), colour, tolerance=2)
+            assert len(a), (tile, value)
+            assert len(b), (tile, value)
+        # same screen side of the patient's right in both pictures
+        sides = [
+            np.sign(
+                _pixels_of(_tile(p, tile, 4), _expected_colour(2, 0.45), 2)[:, 1].mean()
+                - _pixels_of(_tile(p, tile, 4), _expected_colour(1, 0.45), 2)[:, 1].mean()
+            )
+            for p in (direct, figure)
+        ]
+        assert sides == [1.0, 1.0]
+
+
+def test_composed_mosaic_without_overlay_and_renderer_choice():
+    data = _anatomy()
+    image, mask = _volume(_flat_image(data), _lps_affine()), _volume(data, _lps_affine())
+    bare = qc.compose_mosaic(image, mask, LABELS, max_slices=2, opacity=0.0)
+    tiles = bare[qc.HEADER_PX : qc.HEADER_PX + qc.TILE_PX]
+    for value in (1, 2, 3, 4):
+        assert not len(_pixels_of(tiles, _expected_colour(value, 0.45), tolerance=2))
+    assert len(_pixels_of(tiles, np.rint(np.full(3, 100.0 / 600.0 * 255.0)))) > 100
+    with pytest.raises(ValueError, match="renderer must be"):
+        qc.mosaic_png_bytes(image, mask, LABELS, renderer="svg")
+    with pytest.raises(ConfigError, match=r"qc\.mosaic_renderer: 'svg' is not one of"):
+        qc.QCSettings.from_mapping({"mosaic_renderer": "svg"})
+    assert qc.QCSettings().mosaic_renderer == "direct"
+    with pytest.raises(GeometryMismatchError):
+        qc.compose_mosaic(_volume(_flat_image(data)[:, :, :5], _lps_affine()), mask, LABELS)
+
+
+def test_qc_stage_draws_full_mosaics_for_flagged_subjects_and_thumbnails_for_passes(
+    tmp_path, study_folder
+):
+    import json
+
+    from helpers import runs
+    from helpers.stages import s1_segment, s3_qc
+
+    affine = _lps_affine()
+    data = tmp_path / "data"
+    data.mkdir()
+    for subject, mask in (("sub-01", _anatomy()), ("sub-02", _swap_sides(_anatomy()))):
+        nib.save(nib.Nifti1Image(_image_for(mask), affine), data / f"{subject}_T2w.nii.gz")
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), data / f"{subject}_dseg.nii.gz")
+    (data / "labels.json").write_text(json.dumps({"labels": [
+        {"value": lab.value, "muscle": lab.muscle, "side": lab.side} for lab in LABELS.labels
+    ]}))
+    # the tiny anatomy passes once its small areas pass; its side-swapped twin fails
+    study_file = study_folder(
+        data, extra="qc: {csa_range_status: pass, mosaic_pass_max_slices: 2}\n"
+    )
+    study, paths = runs.open_study(study_file, tmp_path / "run")
+    settings = study.qc_settings()
+    res = s3_qc.qc_stage(study, paths, s1_segment.segment_stage(study, paths, progress=False),
+                         progress=False)
+    assert res.summary.set_index("subject")["status"].to_dict() == {
+        "sub-01": "pass", "sub-02": "fail"
+    }
+    sizes = {s: imread(p).shape[1::-1] for s, p in res.mosaics.items()}
+    assert sizes == {"sub-01": qc.mosaic_size_px(2, 4), "sub-02": qc.mosaic_size_px(4, 4)}
+    assert qc.mosaic_slices_for([], settings) == 2
+    assert qc.mosaic_slices_for(["pass", "fail"], settings) == 12

@@ -187,9 +187,10 @@ def qc_subject(task: QCTask) -> dict[str, Any]:
         mosaic,
         subject=task.subject,
         levels=levels,
-        max_slices=settings.mosaic_max_slices,
+        max_slices=qc.mosaic_slices_for(rows["status"], settings),
         opacity=settings.mosaic_opacity,
         convention=settings.convention,
+        renderer=settings.mosaic_renderer,
     )
     atomic_write_text(rows_csv, rows.to_csv(index=False))
     mark_finished(out, _QC_OUTPUTS, key)
