@@ -110,7 +110,7 @@ def _segment_with_model(
         for s in subjects
     }
     settings = study.segment_settings()
-    if (study.dixon or {}).get("segment_on") in ("water", "fat"):
+    if study.dixon_settings().segment_on in ("water", "fat"):
         import dataclasses
 
         # a water or fat image is not fat-bright: only a model trained on it segments it
@@ -275,11 +275,11 @@ def segmentation_input(study: Study, paths: RunPaths, subject: Any) -> Path:
     """The image a subject is segmented on: its image, or for a Dixon subject the image
     ``dixon.segment_on`` names (default the sum ``W + F``), written to ``work/dixon_seg/``
     (rewritten only when the pair changed)."""
-    from helpers.dixon import DixonSettings, write_segmentation_image
+    from helpers.dixon import write_segmentation_image
 
     if subject.water is None or subject.fat is None:
         return Path(subject.image)
-    settings = DixonSettings.from_mapping(dict(study.dixon))
+    settings = study.dixon_settings()
     if settings.segment_on == "image":
         if Path(subject.image) == Path(subject.water):
             msg = "dixon.segment_on: 'image' but the subject has no image besides its Dixon pair"
