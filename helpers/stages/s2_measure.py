@@ -201,8 +201,7 @@ def measure_stage(
     table = status_table(rows, order=list(tasks))
     if stage == "measure":
         atomic_write_text(paths.file(MEASURED_TABLE), table.to_csv(index=False))
-    failed = table[table["status"] == "failed"]
-    write_failures(paths, stage, failed[["subject", "error"]].assign(stage=stage))
+    write_failures(paths, stage, table[table["status"] == "failed"])
     record_stage(paths, stage, table, time.perf_counter() - t0)
     return table
 
