@@ -91,6 +91,7 @@ from scipy import stats as sps
 
 from helpers.errors import ConfigError, InputFileError
 from helpers.files import atomic_path
+from helpers.validate import SettingError
 
 __all__ = [
     "DEMOGRAPHIC_COLUMNS",
@@ -302,13 +303,14 @@ class ClinicalMapping:
 
         Raises
         ------
-        ConfigError
+        SettingError
             A key has the wrong type, or a column maps onto an unknown or already-used
-            standard column.
+            standard column (the error's key is ``<where>.<key>``).
         """
         if doc is not None and not isinstance(doc, Mapping):
-            msg = f"{where}: expected a mapping with keys columns, values, missing_values, ..."
-            raise ConfigError(msg)
+            setting = where
+            msg = "expected a mapping with keys columns, values, missing_values, ..."
+            raise SettingError(setting, msg)
         doc = dict(doc or {})
         unknown = sorted(set(doc) - set(MAPPING_KEYS) - {"path"})
         if unknown:
@@ -317,59 +319,69 @@ class ClinicalMapping:
             log.warning("%s: keys %s are not mapping keys %s", where, unknown, MAPPING_KEYS)
         columns = doc.get("columns") or {}
         if not isinstance(columns, Mapping):
-            msg = f"{where}.columns: expected a mapping site column -> standard column"
-            raise ConfigError(msg)
+            setting = f"{where}.columns"
+            msg = "expected a mapping site column -> standard column"
+            raise SettingError(setting, msg)
         seen: dict[str, str] = {}
         clean_columns: dict[str, str] = {}
         for site, std in columns.items():
             std = str(std).strip()
             if std not in LAYOUT:
+                setting = f"{where}.columns.{site}"
                 msg = (
-                    f"{where}.columns.{site}: unknown standard column {std!r} "
+                    f"unknown standard column {std!r} "
                     f"(known: subject, sex, age, bmi, cobb_deg, convex_side, odi_1..odi_10, "
                     f"srs_1..srs_22, vas_back, vas_leg, joa_*)"
                 )
-                raise ConfigError(msg)
+                raise SettingError(setting, msg)
             if std in seen:
-                msg = f"{where}.columns: {seen[std]!r} and {site!r} both map onto {std!r}"
-                raise ConfigError(msg)
+                setting = f"{where}.columns"
+                msg = f"{seen[std]!r} and {site!r} both map onto {std!r}"
+                raise SettingError(setting, msg)
             seen[std] = str(site)
             clean_columns[str(site)] = std
         values = doc.get("values") or {}
         if not isinstance(values, Mapping):
-            msg = f"{where}.values: expected a mapping standard column -> {{code: value}}"
-            raise ConfigError(msg)
+            setting = f"{where}.values"
+            msg = "expected a mapping standard column -> {code: value}"
+            raise SettingError(setting, msg)
         clean_values: dict[str, dict[str, str]] = {}
         for pattern, codes in values.items():
             if not isinstance(codes, Mapping):
-                msg = f"{where}.values.{pattern}: expected a mapping site code -> value"
-                raise ConfigError(msg)
+                setting = f"{where}.values.{pattern}"
+                msg = "expected a mapping site code -> value"
+                raise SettingError(setting, msg)
             if not fnmatch.filter(LAYOUT, str(pattern)):
-                msg = f"{where}.values.{pattern}: matches no standard column"
-                raise ConfigError(msg)
+                setting = f"{where}.values.{pattern}"
+                msg = "matches no standard column"
+                raise SettingError(setting, msg)
             clean_values[str(pattern)] = {_code(k): _code(v) for k, v in codes.items()}
         missing = doc.get("missing_values") or ()
         if isinstance(missing, str) or not isinstance(missing, Iterable):
             missing = (missing,)
         decimal = str(doc.get("decimal", "."))
         if decimal not in (".", ","):
-            msg = f"{where}.decimal: must be '.' or ',', got {decimal!r}"
-            raise ConfigError(msg)
+            setting = f"{where}.decimal"
+            msg = f"must be '.' or ',', got {decimal!r}"
+            raise SettingError(setting, msg)
         sep = doc.get("sep")
         if sep is not None and (not isinstance(sep, str) or len(sep) != 1):
-            msg = f"{where}.sep: must be one character, got {sep!r}"
-            raise ConfigError(msg)
+            setting = f"{where}.sep"
+            msg = f"must be one character, got {sep!r}"
+            raise SettingError(setting, msg)
         sheet = doc.get("sheet")
         if sheet is not None and not isinstance(sheet, str | int):
-            msg = f"{where}.sheet: must be a sheet name or a 0-based index, got {sheet!r}"
-            raise ConfigError(msg)
+            setting = f"{where}.sheet"
+            msg = f"must be a sheet name or a 0-based index, got {sheet!r}"
+            raise SettingError(setting, msg)
         encoding = doc.get("encoding")
         if encoding is not None:
             try:
                 codecs.lookup(str(encoding))
             except LookupError as exc:
-                msg = f"{where}.encoding: unknown text encoding {encoding!r} (e.g. latin-1, cp1252)"
-                raise ConfigError(msg) from exc
+                setting = f"{where}.encoding"
+                msg = f"unknown text encoding {encoding!r} (e.g. latin-1, cp1252)"
+                raise SettingError(setting, msg) from exc
             encoding = str(encoding)
         return cls(
             columns=clean_columns,

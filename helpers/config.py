@@ -100,6 +100,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the settings classes live with the stage that uses them
+    from helpers.dixon import DixonSettings
     from helpers.executor import ExecutorConfig
     from helpers.metrics import MetricsSettings
     from helpers.qc import QCSettings
@@ -438,6 +439,12 @@ class Study:
         from helpers.segment import SegmentSettings
 
         return self._settings("segment", lambda: SegmentSettings(**_tuples(self.segmentation)))
+
+    def dixon_settings(self) -> DixonSettings:
+        """:class:`helpers.dixon.DixonSettings` of the ``dixon`` section (built once)."""
+        from helpers.dixon import DixonSettings
+
+        return self._settings("dixon", lambda: DixonSettings.from_mapping(dict(self.dixon)))
 
     def executor_config(self) -> ExecutorConfig:
         """:class:`helpers.executor.ExecutorConfig` of the ``executor`` section (built once)."""
@@ -973,7 +980,7 @@ def _clinical(v: _Validator, spec: object) -> ClinicalSpec | None:
     try:
         table = load_clinical(path, ClinicalMapping.from_dict(mapping, where="clinical"))
     except ConfigError as exc:
-        _fail_with_key(v, "clinical", exc)
+        _fail_setting(v, "clinical", exc)
     except EsmaError as exc:
         v.fail("clinical.path", str(exc))
     return ClinicalSpec(path, mapping, skip, table)
@@ -990,7 +997,7 @@ def _segmentation(v: _Validator, spec: object) -> dict[str, Any]:
     try:
         SegmentSettings(**_tuples(options))
     except (EsmaError, ValueError, TypeError) as exc:
-        _fail_with_key(v, "segmentation", exc)
+        _fail_setting(v, "segmentation", exc)
     return options
 
 
@@ -1022,32 +1029,23 @@ def _delegate(
     except ImportError as exc:  # pragma: no cover - every stage module ships with esma
         log.debug("%s: not validated (%s)", key, exc)
     except (EsmaError, ValueError, TypeError, KeyError) as exc:
-        _fail_with_key(v, key, str(exc.args[0]) if isinstance(exc, KeyError) else exc)
+        _fail_setting(v, key, exc)
     return options
 
 
-def _fail_with_key(v: _Validator, key: str, exc_or_text: Exception | str) -> None:
-    """Re-raise another module's error under the study file's name and the full key.
+def _fail_setting(v: _Validator, section: str, exc: Exception) -> None:
+    """Re-raise another module's settings error under the study file's name and the full key.
 
-    A :class:`helpers.validate.SettingError` (executor, qc, segmentation settings) carries its
-    key: ``min_dice`` of section ``qc`` becomes ``study.yml: qc.min_dice: ...``.  The message
-    parsing below is only for the modules whose settings do not raise it yet (metrics, dixon,
-    the clinical mapping): ``fat_method: 'x' is not ...`` becomes
-    ``study.yml: metrics.fat_method: 'x' is not ...``; any other message is put under ``key``.
+    A :class:`helpers.validate.SettingError` carries its key: ``min_dice`` (or ``qc.min_dice``)
+    of section ``qc`` becomes ``study.yml: qc.min_dice: ...``.  Any other error is put under
+    ``section``.
     """
-    if isinstance(exc_or_text, SettingError):  # the key travels with the error: no parsing
-        sub = exc_or_text.key
-        v.fail(sub if sub == key or sub.startswith(key + ".") else f"{key}.{sub}",
-               " ".join(exc_or_text.problem.split()))
-    text = " ".join(str(exc_or_text).split())
-    head, sep, rest = text.partition(": ")
-    head = head.strip()
-    if sep and head and " " not in head and "/" not in head and not head.endswith(")"):
-        sub = head[len(key) + 1 :] if head.startswith(key + ".") else head
-        if sub == key:
-            v.fail(key, rest.strip())
-        v.fail(f"{key}.{sub}", rest.strip())
-    v.fail(key, text)
+    if isinstance(exc, SettingError):
+        sub = exc.key
+        v.fail(sub if sub == section or sub.startswith(section + ".") else f"{section}.{sub}",
+               " ".join(exc.problem.split()))
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    v.fail(section, " ".join(text.split()))
 
 
 def _statistics(v: _Validator, spec: object) -> StatisticsSpec:

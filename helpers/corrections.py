@@ -25,7 +25,7 @@ import html
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -34,6 +34,9 @@ import pandas as pd
 from helpers.errors import ConfigError, EsmaError, InputFileError
 from helpers.files import atomic_path, atomic_write_text, sha256_file
 from helpers.labels import LabelTable, load_labels
+
+if TYPE_CHECKING:
+    from helpers.runs import StatusRow
 
 __all__ = [
     "MASK_SOURCES_COLUMNS",
@@ -257,15 +260,17 @@ def validate_mask(mask: str | Path, image: str | Path, labels: str | Path | Labe
     table.check_values(np.unique(np.asarray(m.data)), mask)
 
 
-def corrected_row(study: Any, subject: Any) -> dict[str, Any]:
+def corrected_row(study: Any, subject: Any) -> StatusRow:
     """The segmentation-table row of a subject with a corrected mask (validated first).
 
     Returns
     -------
-    dict
-        ``subject``, ``mask``, ``status`` (``corrected``, or ``failed`` with the error naming
-        the corrected file when it does not validate), ``seconds``, ``error``.
+    helpers.runs.StatusRow
+        Status ``corrected`` with the mask, or ``failed`` with the error naming the corrected
+        file when it does not validate.
     """
+    from helpers.runs import StatusRow
+
     path = Path(subject.corrected_mask)
     try:
         validate_mask(path, subject.image, study.labels)
@@ -273,20 +278,8 @@ def corrected_row(study: Any, subject: Any) -> dict[str, Any]:
         problem = getattr(exc, "problem", str(exc))
         error = f"corrected mask {path.name}: {problem}".replace(str(path.parent), "<folder>")
         log.warning("%s: %s", subject.subject, error)
-        return {
-            "subject": subject.subject,
-            "mask": "",
-            "status": "failed",
-            "seconds": 0.0,
-            "error": error,
-        }
-    return {
-        "subject": subject.subject,
-        "mask": str(path),
-        "status": "corrected",
-        "seconds": 0.0,
-        "error": "",
-    }
+        return StatusRow(subject.subject, "failed", error=error)
+    return StatusRow(subject.subject, "corrected", mask=str(path))
 
 
 def write_mask_sources(target: str | Path, segmentation: pd.DataFrame) -> Path:

@@ -43,7 +43,6 @@ subject's own single-contrast ``image``).
 
 from __future__ import annotations
 
-import difflib
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -70,6 +69,7 @@ from helpers.nifti import (
     voxel_area_mm2,
 )
 from helpers.tissue_geometry import posterior_of_muscle
+from helpers.validate import SettingError, check_choice, check_settings_mapping
 
 __all__ = [
     "DIXON_FLAGS",
@@ -149,18 +149,12 @@ class DixonSettings:
             ok = ok and (lo <= float(value) if lo_ok else lo < float(value)) and float(value) <= hi
             if not ok:
                 bracket = "[" if lo_ok else "("
-                msg = f"dixon.{key}: must be a number in {bracket}{lo:g}, {hi:g}], got {value!r}"
-                raise ConfigError(msg)
+                msg = f"must be a number in {bracket}{lo:g}, {hi:g}], got {value!r}"
+                setting = f"dixon.{key}"
+                raise SettingError(setting, msg)
             object.__setattr__(self, key, float(value))
-        if self.noise_correction not in NOISE_CORRECTIONS:
-            msg = (f"dixon.noise_correction: {self.noise_correction!r} is not one of "
-                   f"{', '.join(NOISE_CORRECTIONS)}")
-            raise ConfigError(msg)
-        if self.segment_on not in SEGMENT_ON:
-            close = difflib.get_close_matches(str(self.segment_on), SEGMENT_ON, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            msg = f"dixon.segment_on: {self.segment_on!r} is not one of {', '.join(SEGMENT_ON)}{hint}"
-            raise ConfigError(msg)
+        check_choice("dixon.noise_correction", self.noise_correction, NOISE_CORRECTIONS)
+        check_choice("dixon.segment_on", self.segment_on, SEGMENT_ON)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> DixonSettings:
@@ -168,13 +162,21 @@ class DixonSettings:
 
         Raises
         ------
-        ConfigError
-            Unknown key (with the closest known one) or invalid value, naming the key.
+        SettingError
+            Unknown key (with the closest known one) or invalid value, naming the key
+            (``dixon.<key>``).
+
+        Examples
+        --------
+        >>> DixonSettings.from_mapping({"segment_on": "watr"})
+        Traceback (most recent call last):
+        ...
+        helpers.validate.SettingError: dixon.segment_on: 'watr' is not one of sum, water, fat, image (did you mean 'water'?)
         """
         if mapping is None:
             return cls()
-        metrics.check_setting_keys(mapping, [f.name for f in fields(cls)], section="dixon",
-                                   what="Dixon setting", key_prefix="dixon.")
+        check_settings_mapping(mapping, [f.name for f in fields(cls)], section="dixon",
+                               prefix="dixon")
         return cls(**dict(mapping))
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,8 +64,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-import pandas as pd
-
 from helpers.errors import ConfigError
 from helpers.validate import SettingError
 
@@ -75,7 +73,6 @@ __all__ = [
     "ExecutorConfig",
     "TaskOutcome",
     "dask_environment",
-    "failures_table",
     "keep_freed_memory",
     "run_tasks",
     "successful_values",
@@ -680,7 +677,8 @@ def run_tasks(
     -------
     dict of str to TaskOutcome
         One outcome per item, in the order of ``items``.  Failed items have ``ok=False`` and
-        ``error="TypeName: message"``; see :func:`failures_table`.
+        ``error="TypeName: message"`` (a stage tables them with
+        :func:`helpers.runs.write_failures`).
 
     Raises
     ------
@@ -748,35 +746,6 @@ def _defined_interactively(func: Callable[..., Any]) -> bool:
         return False
     main = sys.modules.get("__main__")
     return main is None or not getattr(main, "__file__", None)
-
-
-def failures_table(outcomes: Mapping[str, TaskOutcome], stage: str) -> pd.DataFrame:
-    """The failed items as a table for reports and the run's excluded-subjects list.
-
-    Parameters
-    ----------
-    outcomes : mapping of str to TaskOutcome
-        As returned by :func:`run_tasks`.
-    stage : str
-        Pipeline stage name written in every row (``"segment"``, ``"metrics"``, ...).
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``subject``, ``stage``, ``error``; one row per failed item in input order
-        (empty, with those columns, when nothing failed).
-
-    Examples
-    --------
-    >>> o = {"s1": TaskOutcome("s1", True, 1, None, 0.1),
-    ...      "s2": TaskOutcome("s2", False, None, "ValueError: bad", 0.1)}
-    >>> failures_table(o, "metrics").to_dict("records")
-    [{'subject': 's2', 'stage': 'metrics', 'error': 'ValueError: bad'}]
-    """
-    rows = [
-        {"subject": o.key, "stage": stage, "error": o.error} for o in outcomes.values() if not o.ok
-    ]
-    return pd.DataFrame(rows, columns=["subject", "stage", "error"])
 
 
 def successful_values(outcomes: Mapping[str, TaskOutcome]) -> dict[str, Any]:

@@ -58,13 +58,12 @@ Flags (``flags`` column, ``;``-joined)
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -87,6 +86,7 @@ from helpers.nifti import (
     subject_from_filename,
     voxel_area_mm2,
 )
+from helpers.validate import SettingError, check_choice, check_settings_mapping
 
 __all__ = [
     "ASYMMETRY_COLUMNS",
@@ -172,40 +172,10 @@ _VERTEBRA_PREFIX = "vertebra_"
 # --------------------------------------------------------------------------------------------
 
 
-def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        msg = f"{key}: {value!r} is not one of {', '.join(allowed)}{hint}"
-        raise ConfigError(msg)
-    return value
-
-
-
-def check_setting_keys(mapping: object, known: Sequence[str], *, section: str, what: str,
-                       key_prefix: str) -> None:
-    """Refuse a settings section that is not a mapping or holds an unknown key.
-
-    Raises
-    ------
-    ConfigError
-        ``<section>: expected a mapping ...``, or ``<key_prefix><key>: unknown <what>; known:
-        ... (did you mean ...?)``.
-    """
-    if not isinstance(mapping, Mapping):
-        msg = f"{section}: expected a mapping of settings, got {type(mapping).__name__}"
-        raise ConfigError(msg)
-    for key in mapping:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            msg = f"{key_prefix}{key}: unknown {what}; known: {', '.join(known)}{hint}"
-            raise ConfigError(msg)
-
-
 @dataclass(frozen=True)
 class MetricsSettings:
-    """How one scan is measured.  Validated on creation (:class:`ConfigError` naming the key).
+    """How one scan is measured.  Validated on creation (:class:`helpers.validate.SettingError`
+    carrying the key).
 
     A study YAML embeds these under its ``metrics:`` key (:meth:`from_mapping`).
 
@@ -254,7 +224,7 @@ class MetricsSettings:
     >>> MetricsSettings.from_mapping({"fat_method": "gmm4"})
     Traceback (most recent call last):
     ...
-    helpers.errors.ConfigError: fat_method: 'gmm4' is not one of unmix, gmm3, gmm2, kmeans2, otsu (did you mean 'gmm3'?)
+    helpers.validate.SettingError: fat_method: 'gmm4' is not one of unmix, gmm3, gmm2, kmeans2, otsu (did you mean 'gmm3'?)
     """
 
     fat_method: str = fat.DEFAULT_FAT_METHOD
@@ -270,26 +240,28 @@ class MetricsSettings:
     side_check: bool = True
 
     def __post_init__(self) -> None:
-        _choice("fat_method", self.fat_method, fat.FAT_METHODS)
-        _choice("reference_scope", self.reference_scope, REFERENCE_SCOPES)
-        _choice("cdi_formula", self.cdi_formula, CDI_FORMULAS)
-        _choice("lfiar_formula", self.lfiar_formula, LFIAR_FORMULAS)
-        _choice("edge_rule", self.edge_rule, EDGE_RULES)
+        check_choice("fat_method", self.fat_method, fat.FAT_METHODS)
+        check_choice("reference_scope", self.reference_scope, REFERENCE_SCOPES)
+        check_choice("cdi_formula", self.cdi_formula, CDI_FORMULAS)
+        check_choice("lfiar_formula", self.lfiar_formula, LFIAR_FORMULAS)
+        check_choice("edge_rule", self.edge_rule, EDGE_RULES)
         for key in ("bias_correction", "pool_psoas", "side_check"):
             if not isinstance(getattr(self, key), bool):
-                msg = f"{key}: must be true or false, got {getattr(self, key)!r}"
-                raise ConfigError(msg)
+                msg = f"must be true or false, got {getattr(self, key)!r}"
+                raise SettingError(key, msg)
         floor = self.lfiar_floor_pct
         if isinstance(floor, bool) or not isinstance(floor, int | float) or not (
             0 < float(floor) < 100
         ):
-            msg = f"lfiar_floor_pct: must be a number of percent in (0, 100), got {floor!r}"
-            raise ConfigError(msg)
+            msg = f"must be a number of percent in (0, 100), got {floor!r}"
+            key = "lfiar_floor_pct"
+            raise SettingError(key, msg)
         object.__setattr__(self, "lfiar_floor_pct", float(floor))
         sp = self.n4_fit_spacing_mm
         if isinstance(sp, bool) or not isinstance(sp, int | float) or not 0 < float(sp) <= 50:
-            msg = f"n4_fit_spacing_mm: must be a spacing in mm in (0, 50], got {sp!r}"
-            raise ConfigError(msg)
+            msg = f"must be a spacing in mm in (0, 50], got {sp!r}"
+            key = "n4_fit_spacing_mm"
+            raise SettingError(key, msg)
         object.__setattr__(self, "n4_fit_spacing_mm", float(sp))
         its = self.n4_iterations
         if isinstance(its, int) and not isinstance(its, bool):
@@ -301,10 +273,11 @@ class MetricsSettings:
             or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= 1000 for i in its)
         ):
             msg = (
-                "n4_iterations: must be a list of 1-6 integers from 1 to 1000 (iterations per "
+                "must be a list of 1-6 integers from 1 to 1000 (iterations per "
                 f"fitting level), got {self.n4_iterations!r}"
             )
-            raise ConfigError(msg)
+            key = "n4_iterations"
+            raise SettingError(key, msg)
         object.__setattr__(self, "n4_iterations", tuple(int(i) for i in its))
 
     @classmethod
@@ -313,13 +286,12 @@ class MetricsSettings:
 
         Raises
         ------
-        ConfigError
+        SettingError
             Unknown key (with the closest known one), or an invalid value, naming the key.
         """
         if mapping is None:
             return cls()
-        check_setting_keys(mapping, [f.name for f in fields(cls)], section="metrics",
-                           what="metrics setting", key_prefix="")
+        check_settings_mapping(mapping, [f.name for f in fields(cls)], section="metrics")
         return cls(**dict(mapping))
 
     def fat_settings(self) -> fat.FatSettings:

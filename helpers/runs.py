@@ -254,7 +254,9 @@ EXCLUDED_COLUMNS = ["subject", "reason", "source"]
 def write_failures(paths: RunPaths, stage: str, failures: pd.DataFrame) -> Path:
     """Write one stage's failures (subject, stage, error) as ``failures_<stage>.csv``.
 
-    Paths in the errors are cut to file names (:func:`redact_paths`).
+    ``failures`` holds a subject and an error column, e.g. the failed rows of the stage's
+    status table (:func:`status_table`); its other columns are dropped.  Paths in the errors
+    are cut to file names (:func:`redact_paths`).  The one way a stage's failures are tabled.
     """
     table = failures.reindex(columns=FAILURE_COLUMNS)
     table["stage"] = stage
@@ -367,6 +369,8 @@ def read_stage_records(run_dir: str | Path) -> list[dict]:
 
 
 STATUS_COLUMNS = ["subject", "status", "seconds", "error"]
+#: Columns of the segmentation stage's status table (``segmentation.csv``).
+SEGMENTATION_COLUMNS = ["subject", "mask", "status", "seconds", "error"]
 
 
 @dataclass(frozen=True)
@@ -383,12 +387,17 @@ class StatusRow:
         Wall time (s) spent on the subject.
     error : str
         Why it failed (folders cut to file names, :func:`redact_paths`); empty otherwise.
+    mask : str
+        The mask the subject goes on with (segmentation only: made, given or corrected; empty
+        when it failed).  A column only of the tables that ask for it
+        (:data:`SEGMENTATION_COLUMNS`).
     """
 
     subject: str
     status: str
     seconds: float = 0.0
     error: str = ""
+    mask: str = ""
 
     @classmethod
     def from_outcome(cls, subject: str, outcome: Any) -> StatusRow:
@@ -400,8 +409,13 @@ class StatusRow:
         return cls(subject, "failed", float(outcome.seconds), redact_paths(outcome.error or "failed"))
 
 
-def status_table(rows: Iterable[StatusRow], order: Sequence[str] | None = None) -> pd.DataFrame:
-    """The stage's status table (:data:`STATUS_COLUMNS`), in ``order`` of subjects if given.
+def status_table(
+    rows: Iterable[StatusRow],
+    order: Sequence[str] | None = None,
+    columns: Sequence[str] = STATUS_COLUMNS,
+) -> pd.DataFrame:
+    """The stage's status table (``columns``, by default :data:`STATUS_COLUMNS`), in ``order``
+    of subjects if given.
 
     Examples
     --------
@@ -410,7 +424,7 @@ def status_table(rows: Iterable[StatusRow], order: Sequence[str] | None = None) 
     [{'subject': 'a', 'status': 'failed', 'seconds': 1.5, 'error': 'bad'},
      {'subject': 'b', 'status': 'reused', 'seconds': 0.0, 'error': ''}]
     """
-    table = pd.DataFrame([dataclasses.astuple(r) for r in rows], columns=STATUS_COLUMNS)
+    table = pd.DataFrame([dataclasses.asdict(r) for r in rows], columns=list(columns))
     table["seconds"] = table["seconds"].astype(float)
     if order is not None:
         rank = {k: i for i, k in enumerate(order)}

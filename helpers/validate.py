@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from helpers.errors import ConfigError
 
-__all__ = ["SettingError", "check_choice", "check_known_keys", "check_range", "did_you_mean"]
+__all__ = [
+    "SettingError",
+    "check_choice",
+    "check_known_keys",
+    "check_range",
+    "check_settings_mapping",
+    "did_you_mean",
+]
 
 
 class SettingError(ConfigError):
@@ -111,3 +118,27 @@ def check_known_keys(section: str, keys: Iterable[object], known: Sequence[str])
             where = f"{section}.{k}" if section else str(k)
             problem = f"unknown key{did_you_mean(k, known)}; allowed: " + ", ".join(known)
             raise SettingError(where, problem)
+
+
+def check_settings_mapping(
+    mapping: object, known: Sequence[str], *, section: str, prefix: str = ""
+) -> None:
+    """Refuse a settings section that is not a mapping or holds an unknown key.
+
+    Raises
+    ------
+    SettingError
+        Key ``section`` (``expected a mapping ...``), or key ``<prefix>.<key>`` (or ``<key>``
+        without a prefix) with ``unknown key (did you mean ...?); allowed: ...``.
+
+    Examples
+    --------
+    >>> check_settings_mapping({"erode": 1}, ["erode_mm"], section="dixon", prefix="dixon")
+    Traceback (most recent call last):
+    ...
+    helpers.validate.SettingError: dixon.erode: unknown key (did you mean 'erode_mm'?); allowed: erode_mm
+    """
+    if not isinstance(mapping, Mapping):
+        problem = f"expected a mapping of settings, got {type(mapping).__name__}"
+        raise SettingError(section, problem)
+    check_known_keys(prefix, mapping, known)

@@ -575,43 +575,22 @@ def test_side_check_setting_is_validated_and_kept_out_of_default_records():
 def test_run_fails_the_subject_whose_sides_contradict_the_anatomy(tmp_path, monkeypatch):
     """esma run: the subject with the right/left mask values exchanged is listed in
     failures.csv with the reason; the other subject is measured."""
-    import shutil
-
     import nibabel as nib
-    import yaml
 
-    from helpers import runner, synthetic
+    from helpers import runner
 
-    phantoms = synthetic.make_cohort(2, tmp_path / "ph", seed=3, template="small",
-                                     orientations=("LPS",))  # fmt: skip
-    study = tmp_path / "study"
-    (study / "images").mkdir(parents=True)
-    (study / "masks").mkdir()
+    study_file, subjects = _given_mask_study(tmp_path, seed=3, name="sides")
     pairs = {1: 2, 2: 1, 3: 4, 4: 3, 5: 6, 6: 5}
-    doc_labels = json.loads((tmp_path / "ph" / "labels.json").read_text())
+    doc_labels = json.loads((study_file.parent / "labels.json").read_text())
     sided = {lab["value"] for lab in doc_labels["labels"] if lab.get("side")}
     assert set(pairs) <= sided
-    subjects = []
-    for i, row in enumerate(phantoms.itertuples(index=False)):
-        shutil.copyfile(row.image, study / "images" / f"{row.subject}_T2w.nii.gz")
-        m = nib.load(row.mask)
-        data = np.asarray(m.dataobj).copy()
-        if i == 0:  # exchange right and left: the label file now contradicts this mask
-            data = np.vectorize(lambda v: pairs.get(int(v), int(v)))(data).astype(data.dtype)
-        nib.save(nib.Nifti1Image(data, m.affine), study / "masks" / f"{row.subject}_dseg.nii.gz")
-        subjects.append(row.subject)
-    shutil.copyfile(tmp_path / "ph" / "labels.json", study / "labels.json")
-    doc = {
-        "study": "sides",
-        "images": "images/*_T2w.nii.gz",
-        "labels": "labels.json",
-        "masks": "masks/{subject}_dseg.nii.gz",
-        "metrics": {"bias_correction": False},
-        "executor": {"kind": "sequential"},
-        "output": "out",
-    }
-    (study / "study.yml").write_text(yaml.safe_dump(doc))
-    result = runner.run_study(study / "study.yml", notebooks=["01_segment", "03_metrics"],
+    # exchange right and left in the first mask: the label file now contradicts it
+    mask_path = study_file.parent / "masks" / f"{subjects[0]}_dseg.nii.gz"
+    m = nib.load(mask_path)
+    data = np.asarray(m.dataobj).copy()
+    data = np.vectorize(lambda v: pairs.get(int(v), int(v)))(data).astype(data.dtype)
+    nib.save(nib.Nifti1Image(data, m.affine), mask_path)
+    result = runner.run_study(study_file, notebooks=["01_segment", "03_metrics"],
                                 progress=False)  # fmt: skip
     assert result.exit_code == 1
     failures = pd.read_csv(result.run_dir / "failures.csv", dtype=str, keep_default_na=False)
@@ -622,14 +601,17 @@ def test_run_fails_the_subject_whose_sides_contradict_the_anatomy(tmp_path, monk
 
 
 # ------------------------------------------------- 5. disk full during QC is no decision
-def _given_mask_study(tmp_path: Path, n: int = 2) -> tuple[Path, list[str]]:
+def _given_mask_study(
+    tmp_path: Path, n: int = 2, *, seed: int = 4, name: str = "diskfull"
+) -> tuple[Path, list[str]]:
+    """``study.yml`` over ``n`` synthetic subjects with their phantom masks given (LPS)."""
     import shutil
 
     import yaml
 
     from helpers import synthetic
 
-    phantoms = synthetic.make_cohort(n, tmp_path / "ph", seed=4, template="small",
+    phantoms = synthetic.make_cohort(n, tmp_path / "ph", seed=seed, template="small",
                                      orientations=("LPS",))  # fmt: skip
     study = tmp_path / "study"
     for sub in ("images", "masks"):
@@ -639,7 +621,7 @@ def _given_mask_study(tmp_path: Path, n: int = 2) -> tuple[Path, list[str]]:
         shutil.copyfile(row.mask, study / "masks" / f"{row.subject}_dseg.nii.gz")
     shutil.copyfile(tmp_path / "ph" / "labels.json", study / "labels.json")
     doc = {
-        "study": "diskfull",
+        "study": name,
         "images": "images/*_T2w.nii.gz",
         "labels": "labels.json",
         "masks": "masks/{subject}_dseg.nii.gz",

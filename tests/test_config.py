@@ -174,7 +174,22 @@ def test_clinical_mapping_is_kept(study_dir):
         ),
         (
             {"metrics": {"bias_corection": True}},
-            "study.yml: metrics.bias_corection: unknown metrics setting",
+            "study.yml: metrics.bias_corection: unknown key (did you mean 'bias_correction'?)",
+        ),
+        (
+            {"dixon": {"erode": 1}},
+            "study.yml: dixon.erode: unknown key (did you mean 'erode_mm'?); allowed:",
+        ),
+        (
+            {"dixon": {"segment_on": "watr"}},
+            (
+                "study.yml: dixon.segment_on: 'watr' is not one of sum, water, fat, image "
+                "(did you mean 'water'?)"
+            ),
+        ),
+        (
+            {"metrics": {"cdi_formula": "normalised_difference"}},
+            "study.yml: metrics.cdi_formula: 'normalised_difference' is not one of",
         ),
         (
             {"executor": {"kind": "threads"}},

@@ -98,8 +98,12 @@ def test_export_bundle_writes_the_picked_subjects_without_identity(tmp_path, exa
             "mask_source": "model",
         }
     ]
-    for name in ("labels.itksnap.txt", "labels.ctbl", "labels.json", "README.md"):
-        assert (out / name).is_file()
+    lab = load_labels(example_dir / "labels.json")
+    assert (out / "labels.itksnap.txt").read_text() == corrections.itksnap_label_file(lab)
+    assert (out / "labels.ctbl").read_text() == corrections.slicer_color_table(lab)
+    readme = (out / "README.md").read_text()
+    assert "sub-0001" in readme
+    assert "sub-0002" not in readme  # a passing subject is not picked by default
     assert (
         load_labels(out / "labels.json").labels == load_labels(example_dir / "labels.json").labels
     )

@@ -658,7 +658,11 @@ def test_cli_ingest_from_the_study_file(tmp_path, secret, capsys, caplog):
     out = tmp_path / "study" / "out" / "ingested"
     assert sorted(ingest_table(out)["status"]) == ["refused", "written"]
     assert "1 written, 1 refused" in caplog.text
-    assert (tmp_path / "private" / "key.csv").is_file()
+    key = pd.read_csv(tmp_path / "private" / "key.csv", dtype=str)
+    written = ingest_table(out).query("status == 'written'")
+    assert len(key) == 1  # the refused series is not keyed
+    assert key.loc[0, "patient_id"] == IDENTITY["PatientID"]
+    assert key.loc[0, "pseudonym"] in written["image"].iloc[0]
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert main(["ingest", "--study", str(study)]) == 1  # same outcome, nothing redone

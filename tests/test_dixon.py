@@ -21,6 +21,7 @@ from helpers.dixon import (
 from helpers.errors import ConfigError, GeometryMismatchError, InputFileError
 from helpers.nifti import Volume, load_image, slice_axis
 from helpers.synthetic_dixon import make_dixon_phantom, write_dixon_phantom
+from helpers.validate import SettingError
 
 KEY = ["level", "muscle", "side"]
 
@@ -253,12 +254,15 @@ def test_erosion_leaves_border_voxels_out_of_fat_only(clean_lps):
 
 
 def test_settings_are_validated():
-    with pytest.raises(ConfigError, match=r"dixon\.erode_mm"):
+    with pytest.raises(SettingError, match=r"^dixon\.erode_mm: must be a number in \[0, 20\]") as err:
         DixonSettings(erode_mm=-1)
-    with pytest.raises(ConfigError, match="did you mean 'water'"):
+    assert err.value.key == "dixon.erode_mm"
+    with pytest.raises(SettingError, match="did you mean 'water'") as err:
         DixonSettings(segment_on="watr")
-    with pytest.raises(ConfigError, match="unknown Dixon setting"):
+    assert err.value.key == "dixon.segment_on"
+    with pytest.raises(SettingError, match=r"^dixon\.erode: unknown key \(did you mean 'erode_mm'") as err:
         DixonSettings.from_mapping({"erode": 1})
+    assert err.value.key == "dixon.erode"
     assert DixonSettings.from_mapping({"erode_mm": 1}).erode_mm == 1.0
 
 

@@ -27,7 +27,6 @@ from helpers.executor import (
     ExecutorConfig,
     TaskOutcome,
     dask_environment,
-    failures_table,
     run_tasks,
     successful_values,
 )
@@ -146,18 +145,7 @@ def test_sequential_captures_failures_and_keeps_order() -> None:
     assert "planted failure" in (bad.traceback or "")
     pd.testing.assert_frame_equal(out["sub-c"].value, toy_task((3, "ok", 0.0)))
     assert all(o.seconds >= 0 for o in out.values())
-    table = failures_table(out, "metrics")
-    assert table.to_dict("records") == [
-        {"subject": "sub-a", "stage": "metrics", "error": bad.error}
-    ]
     assert list(successful_values(out)) == ["sub-c", "sub-b"]
-
-
-def test_failures_table_empty_has_columns() -> None:
-    ok = {"s": TaskOutcome("s", True, 1, None, 0.0)}
-    table = failures_table(ok, "segment")
-    assert table.empty
-    assert list(table.columns) == ["subject", "stage", "error"]
 
 
 @pytest.mark.parametrize(
@@ -417,8 +405,6 @@ def test_real_metrics_outcomes_and_failures(
         metrics, asymmetry = out["syn-001/default"].value
         assert len(metrics) > 0
         assert {"multifidus", "erector_spinae"} <= set(asymmetry["muscle"])
-        table = failures_table(out, "metrics")
-        assert table[["subject", "stage"]].values.tolist() == [["syn-bad/default", "metrics"]]
 
 
 def test_real_metrics_identical_with_every_executor_without_bias_correction(

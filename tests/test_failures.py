@@ -440,7 +440,15 @@ def esma_metrics(scan: dict[str, Path], out: Path, **override: Path) -> list[str
 def test_good_scan_is_measured(scan, tmp_path):
     """The baseline of the cases below: the same files, unbroken, give exit code 0."""
     assert cli.main(esma_metrics(scan, tmp_path / "out")) == 0
-    assert (tmp_path / "out" / "metrics.csv").is_file()
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv", dtype={"level": str})
+    # the scan's mask is the phantom's: every muscle's CSA is the planted one
+    truth = synthetic.make_phantom(seed=3, template="small", shape=(48, 48, 4)).truth
+    truth = truth[(truth["level"] == "all") & truth["slice"].isna()]
+    measured = metrics[metrics["level"] == "all"].set_index(["muscle", "side"])["csa_mm2"]
+    planted = truth.set_index(["muscle", "side"])["csa_mm2"]
+    assert len(planted) > 0
+    for key, csa in planted.items():
+        assert measured.loc[key] == pytest.approx(csa, rel=1e-9), key
 
 
 def _broken_mask_values(scan: dict[str, Path], tmp: Path) -> Path:

@@ -27,6 +27,7 @@ from helpers.metrics import (
 )
 from helpers.nifti import Volume
 from helpers.synthetic import make_phantom, mirror_left_right, reorient
+from helpers.validate import SettingError
 
 NO_N4 = MetricsSettings(bias_correction=False)
 
@@ -271,7 +272,7 @@ def test_settings_from_mapping_validates_and_names_the_key():
     assert s.n4_iterations == (20, 20)
     assert MetricsSettings.from_mapping(None) == MetricsSettings()
     cases = [
-        ({"fat_metod": "gmm3"}, r"^fat_metod: unknown metrics setting.*did you mean 'fat_method'"),
+        ({"fat_metod": "gmm3"}, r"^fat_metod: unknown key \(did you mean 'fat_method'\?\)"),
         ({"fat_method": "gmm4"}, r"^fat_method: 'gmm4' is not one of"),
         ({"bias_correction": "yes"}, r"^bias_correction: must be true or false"),
         ({"lfiar_floor_pct": 0}, r"^lfiar_floor_pct: must be a number"),
@@ -282,8 +283,9 @@ def test_settings_from_mapping_validates_and_names_the_key():
         ({"n4_fit_spacing_mm": 0}, r"^n4_fit_spacing_mm: "),
     ]
     for mapping, pattern in cases:
-        with pytest.raises(ConfigError, match=pattern):
+        with pytest.raises(SettingError, match=pattern) as err:
             MetricsSettings.from_mapping(mapping)
+        assert err.value.key == next(iter(mapping))  # the key travels with the error
     with pytest.raises(ConfigError, match="expected a mapping"):
         MetricsSettings.from_mapping(["unmix"])  # type: ignore[arg-type]
     assert json.loads(json.dumps(s.to_dict()))["n4_iterations"] == [20, 20]

@@ -506,8 +506,13 @@ def test_e2e_provenance(e2e):
     assert all(p["run_dir"] == str(run) for p in params.values())
     assert all(nb["seconds"] > 0 for nb in manifest["notebooks"])
     tables = run / "tables"
-    assert (tables / "esma_tables.xlsx").is_file()
-    assert (tables / "correlations_fdr.csv").is_file()
+    sheets = pd.ExcelFile(tables / "esma_tables.xlsx").sheet_names
+    assert {"table1", "correlations_fdr", "interactions", "unmatched"} <= set(sheets)
+    fdr = pd.read_csv(tables / "correlations_fdr.csv")
+    correlations = pd.read_csv(run / "correlations.csv")
+    assert len(fdr) == len(correlations) > 0  # every correlation, marked and sorted by p
+    assert set(fdr["sig"].fillna("")) <= {"*", ""}
+    assert fdr["p_fdr"].dropna().is_monotonic_increasing
     frozen = (run / "study.yml").read_text()
     assert "cohort.csv" in frozen
 

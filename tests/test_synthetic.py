@@ -316,9 +316,13 @@ def test_cohort_with_plan(tmp_path):
 def test_cohort_draws_realistic_parameters(tmp_path):
     man = syn.make_cohort(6, tmp_path, template="small", seed=3, layout="flat")
     assert list(man["subject"]) == [f"syn-00{i}" for i in range(1, 7)]
-    assert (tmp_path / "syn-001_T2w.nii.gz").is_file()
-    assert (tmp_path / "syn-001_truth.csv").is_file()
+    assert man.loc[0, "image"] == str(tmp_path / "syn-001_T2w.nii.gz")
     truth = pd.read_csv(tmp_path / "truth.csv")
+    own = pd.read_csv(tmp_path / "syn-001_truth.csv")  # flat layout: the tables carry a prefix
+    pd.testing.assert_frame_equal(own, truth[truth["subject"] == "syn-001"].reset_index(drop=True))
+    image, mask = load_image(man.loc[0, "image"]), load_mask(man.loc[0, "mask"])
+    assert image.data.shape == mask.data.shape
+    assert set(np.unique(mask.data)) > {0}  # the mask holds muscles
     agg = truth[(truth["level"] == "all") & truth["slice"].isna()]
     assert agg["fat_pct"].between(2.9, 25.1).all()
     asym = pd.read_csv(tmp_path / "asymmetry_truth.csv")

@@ -19,17 +19,17 @@ from helpers.config import Study
 from helpers.errors import InputFileError
 from helpers.files import atomic_write_text, sha256_file
 from helpers.runs import (
+    SEGMENTATION_COLUMNS,
     RunPaths,
+    StatusRow,
     record_run_warning,
     record_stage,
     redact_paths,
+    status_table,
     write_failures,
 )
 
 log = logging.getLogger(__name__)
-
-
-SEGMENTATION_COLUMNS = ["subject", "mask", "status", "seconds", "error"]
 
 
 def read_segmentation(paths: RunPaths) -> pd.DataFrame:
@@ -54,7 +54,7 @@ def segment_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> pd
         ``failed``), seconds, error.
     """
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    rows: list[StatusRow] = []
     to_segment = []
     for s in study.subjects:
         if s.corrected_mask is not None:
@@ -63,46 +63,29 @@ def segment_stage(study: Study, paths: RunPaths, *, progress: bool = True) -> pd
 
             rows.append(corrected_row(study, s))
         elif s.mask is not None:
-            rows.append(
-                {
-                    "subject": s.subject,
-                    "mask": str(s.mask),
-                    "status": "given",
-                    "seconds": 0.0,
-                    "error": "",
-                }
-            )
+            rows.append(StatusRow(s.subject, "given", mask=str(s.mask)))
         elif study.model is None:
             rows.append(
-                {
-                    "subject": s.subject,
-                    "mask": "",
-                    "status": "failed",
-                    "seconds": 0.0,
-                    "error": "no mask given and no model to segment with",
-                }
+                StatusRow(s.subject, "failed", error="no mask given and no model to segment with")
             )
         else:
             to_segment.append(s)
     if to_segment:
         rows.extend(_segment_with_model(study, paths, to_segment, progress=progress))
         check_model_labels(study, paths)
-    table = pd.DataFrame(rows, columns=SEGMENTATION_COLUMNS)
-    order = {s: i for i, s in enumerate(study.subject_ids)}
-    table = table.sort_values("subject", key=lambda c: c.map(order)).reset_index(drop=True)
+    table = status_table(rows, order=study.subject_ids, columns=SEGMENTATION_COLUMNS)
     atomic_write_text(paths.file("segmentation.csv"), table.to_csv(index=False))
     from helpers.corrections import write_mask_sources
 
     write_mask_sources(paths.file("mask_sources.csv"), table)
-    failed = table[table["status"] == "failed"]
-    write_failures(paths, "segment", failed[["subject", "error"]].assign(stage="segment"))
+    write_failures(paths, "segment", table[table["status"] == "failed"])
     record_stage(paths, "segment", table, time.perf_counter() - t0)
     return table
 
 
 def _segment_with_model(
     study: Study, paths: RunPaths, subjects: Sequence[Any], *, progress: bool
-) -> list[dict[str, Any]]:
+) -> list[StatusRow]:
     from helpers.segment import segment_cohort
 
     staged = {
@@ -110,7 +93,7 @@ def _segment_with_model(
         for s in subjects
     }
     settings = study.segment_settings()
-    if (study.dixon or {}).get("segment_on") in ("water", "fat"):
+    if study.dixon_settings().segment_on in ("water", "fat"):
         import dataclasses
 
         # a water or fat image is not fat-bright: only a model trained on it segments it
@@ -131,30 +114,14 @@ def _segment_with_model(
     for s in subjects:
         r = by_subject.get(s.subject)
         if r is None:
-            rows.append(
-                {
-                    "subject": s.subject,
-                    "mask": "",
-                    "status": "failed",
-                    "seconds": 0.0,
-                    "error": "segmentation produced no result",
-                }
-            )
+            rows.append(StatusRow(s.subject, "failed", error="segmentation produced no result"))
             continue
         status = _SEG_STATUS.get(str(r["status"]), str(r["status"]))
         error = "" if pd.isna(r.get("error")) else str(r.get("error") or "")
         error = redact_paths(error)
         mask = "" if status == "failed" or pd.isna(r.get("mask")) else str(r["mask"])
         seconds = float(r["seconds"]) if pd.notna(r.get("seconds")) else 0.0
-        rows.append(
-            {
-                "subject": s.subject,
-                "mask": mask,
-                "status": status,
-                "seconds": seconds,
-                "error": error,
-            }
-        )
+        rows.append(StatusRow(s.subject, status, seconds, error, mask))
     return rows
 
 
@@ -275,11 +242,11 @@ def segmentation_input(study: Study, paths: RunPaths, subject: Any) -> Path:
     """The image a subject is segmented on: its image, or for a Dixon subject the image
     ``dixon.segment_on`` names (default the sum ``W + F``), written to ``work/dixon_seg/``
     (rewritten only when the pair changed)."""
-    from helpers.dixon import DixonSettings, write_segmentation_image
+    from helpers.dixon import write_segmentation_image
 
     if subject.water is None or subject.fat is None:
         return Path(subject.image)
-    settings = DixonSettings.from_mapping(dict(study.dixon))
+    settings = study.dixon_settings()
     if settings.segment_on == "image":
         if Path(subject.image) == Path(subject.water):
             msg = "dixon.segment_on: 'image' but the subject has no image besides its Dixon pair"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from helpers.stages.s1_segment import (
 )
 
 if TYPE_CHECKING:
+    from helpers.dixon import DixonSettings
     from helpers.metrics import MetricsSettings
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class MeasureTask:
     out_dir: str
     water: str | None = None  # a Dixon pair (issue 18): fat from F / (W + F)
     fat: str | None = None
-    dixon: dict[str, Any] = field(default_factory=dict)
+    dixon: DixonSettings | None = None  # set with water and fat (Study.dixon_settings())
 
 
 #: The files whose completion markers say that a subject's stage is finished.
@@ -200,8 +201,7 @@ def measure_stage(
     table = status_table(rows, order=list(tasks))
     if stage == "measure":
         atomic_write_text(paths.file(MEASURED_TABLE), table.to_csv(index=False))
-    failed = table[table["status"] == "failed"]
-    write_failures(paths, stage, failed[["subject", "error"]].assign(stage=stage))
+    write_failures(paths, stage, table[table["status"] == "failed"])
     record_stage(paths, stage, table, time.perf_counter() - t0)
     return table
 
@@ -238,14 +238,14 @@ def _dixon_task_fields(study: Study, subject: str) -> dict[str, Any]:
     s = study.subject(subject)
     if s.water is None or s.fat is None:
         return {}
-    return {"water": str(s.water), "fat": str(s.fat), "dixon": dict(study.dixon)}
+    return {"water": str(s.water), "fat": str(s.fat), "dixon": study.dixon_settings()}
 
 
 def _dixon_key(task: MeasureTask) -> dict[str, Any]:
     return {
         "water": sha256_file(task.water),
         "fat": sha256_file(task.fat),
-        "dixon": dict(task.dixon),
+        "dixon": task.dixon.to_dict() if task.dixon is not None else {},
     }
 
 
@@ -259,6 +259,6 @@ def _measure_dixon_task(task: MeasureTask, settings: Any) -> Any:
         task.labels,
         subject=task.subject,
         settings=settings,
-        dixon=DixonSettings.from_mapping(dict(task.dixon)),
+        dixon=task.dixon if task.dixon is not None else DixonSettings(),
         levels_path=task.levels,
     )

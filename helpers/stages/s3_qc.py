@@ -288,7 +288,7 @@ def qc_stage(
     shown = ["subject", "decision", "reviewer"] + (["stale"] if "stale" in decisions else [])
     summary = summary.merge(decisions[shown], on="subject", how="left")
     status = status_table(status_rows)
-    write_failures(paths, "qc", status.loc[status["status"] == "failed", ["subject", "error"]])
+    write_failures(paths, "qc", status[status["status"] == "failed"])
     record_stage(paths, "qc", status, time.perf_counter() - t0)
     return QCOutputs(table, summary, decisions, excluded, mosaics, measured)
 

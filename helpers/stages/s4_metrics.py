@@ -116,8 +116,7 @@ def _from_measure_stage(
         for r in measured.itertuples(index=False)
     ]
     table = status_table(rows, order=subjects)
-    failed = table[table["status"] == "failed"]
-    write_failures(paths, "metrics", failed[["subject", "error"]].assign(stage="metrics"))
+    write_failures(paths, "metrics", table[table["status"] == "failed"])
     return table
 
 
