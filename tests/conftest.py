@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
+
+# Third-party pools that take the platform default (nnU-Net's dataset listing opens a plain
+# multiprocessing.Pool) must not fork this many-threaded test process: a forked worker can
+# inherit a lock held by another thread and hang the suite (seen once: a worker forked by
+# nnunetv2.utilities.utils.create_lists_from_splitted_dataset_folder sat on a futex for minutes).
+# esma's own pools already use spawn (helpers.executor, helpers.trainset).
+multiprocessing.set_start_method("spawn", force=True)
 
 REPO = Path(__file__).resolve().parents[1]
 #: The real example scan, shipped with the repo (attribution in data/example/README.md).
