@@ -29,8 +29,8 @@ How the breakdown is measured
   written when the stage ends, so its modification time is the stage's end).  The CPU of the
   whole process tree is sampled every ``--sample-interval`` s (psutil: user + system of every
   live process plus what each has reaped), and a stage's CPU is the increase of that series
-  over the stage's interval.  ``measure`` runs inside ``qc`` (the cohort outlier checks need
-  the measurements); ``qc_own`` is qc without it.
+  over the stage's interval.  ``measure`` is a stage of its own before ``qc`` (in older runs
+  it ran inside ``qc``); ``qc_own`` is qc without any measurement inside it.
 * **Per notebook**: the manifest's execution seconds (papermill, kernel start included, HTML
   export excluded) and the kernel process's own CPU (its lifetime as seen by the sampler);
   ``overhead`` is the notebook's wall minus the stages inside it.
@@ -356,12 +356,17 @@ def breakdown(run_dir: Path, sampler: TreeSampler, run: Mapping[str, Any]) -> di
             "start_unix": start,
             "end_unix": end,
         }
+    nested = False
     if "qc" in stages and "measure" in stages:
         q, m = stages["qc"], stages["measure"]
+        # older runs measured inside the qc stage; since the measure stage of its own, the two
+        # records follow each other
+        nested = q["start_unix"] - 0.5 <= m["start_unix"] and m["end_unix"] <= q["end_unix"] + 0.5
         stages["qc_own"] = {
-            "wall_s": round(q["wall_s"] - m["wall_s"], 3),
-            "cpu_s": round(q["cpu_s"] - m["cpu_s"], 3),
-            "note": "qc stage without the measurement inside it",
+            "wall_s": round(q["wall_s"] - (m["wall_s"] if nested else 0.0), 3),
+            "cpu_s": round(q["cpu_s"] - (m["cpu_s"] if nested else 0.0), 3),
+            "note": ("qc stage without the measurement inside it" if nested
+                     else "qc stage (the measure stage runs before it)"),
         }
     kernels = sorted(sampler.kernels.values(), key=lambda k: k.first)
     ran = [nb for nb in manifest.get("notebooks", []) if nb.get("ipynb")]
@@ -375,8 +380,8 @@ def breakdown(run_dir: Path, sampler: TreeSampler, run: Mapping[str, Any]) -> di
             and "start_unix" in st
             and kernel.first - 1.0 <= st["start_unix"] <= kernel.last + 1.0
         ]
-        # measure runs inside qc: count the outermost stages only
-        top = [n for n in inside if not (n == "measure" and "qc" in inside)]
+        # when measure ran inside qc, count the outermost stages only
+        top = [n for n in inside if n != "qc_own" and not (nested and n == "measure")]
         stage_wall = sum(stages[n]["wall_s"] for n in top)
         notebooks.append(
             {
