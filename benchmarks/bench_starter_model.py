@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import tempfile
@@ -295,13 +296,13 @@ def write_card(result: dict, training: dict, path: Path) -> None:
             other = json.loads(organs.read_text(encoding="utf-8"))["models"]["starter"]
             o_back = [r["dice"] for r in other.get("totalseg_mr", [])
                       if "autochthon" in r.get("what", "")]
-            ood = [v["mean"] for k, v in other.get("heldout_ood", {}).items() if ":" in k]
-            if o_back and ood:
+            ood_lo, ood_hi = _range(other.get("heldout_ood", {}))
+            if o_back and not math.isnan(ood_lo):  # NaN: no per-label means
                 ts_line.append(
                     "- The same recipe with kidneys, liver and spleen in the procedural bodies "
                     f"(`--organs`) agreed less there ({min(o_back):.2f}-{max(o_back):.2f}), "
                     "though a little better on the held-out synthetic cases (mean Dice "
-                    f"{min(ood):.2f}-{max(ood):.2f}; `benchmarks/results/starter_model_organs"
+                    f"{ood_lo:.2f}-{ood_hi:.2f}; `benchmarks/results/starter_model_organs"
                     ".json`), so it is not shipped.")
     loso = result["models"].get("starter_loso", {}).get("musclemap_sample", {})
     if loso:
