@@ -7,7 +7,8 @@ In one invocation and one process tree, on one cohort with the same settings, th
   *variant* (``--variants``): ``default`` (the study as built), ``mosaic-plain`` (QC mosaics
   as before issue 19: a matplotlib figure with one axes per tile, every subject with all its
   slices), ``mosaic-direct-full`` (composed directly, every subject in full), ``sequential``
-  (``executor: sequential``, for the scaling of item 3),
+  (``executor: sequential``, for the scaling of item 3), ``fresh-kernels`` (one kernel per
+  notebook, as before the run's notebooks shared one),
 
 and reports the ratio run / segment, the per-stage breakdown (wall and CPU), the per-notebook
 overhead (kernel start, imports, display), the HTML export cost, peak memory of the whole
@@ -32,8 +33,9 @@ How the breakdown is measured
   over the stage's interval.  ``measure`` is a stage of its own before ``qc`` (in older runs
   it ran inside ``qc``); ``qc_own`` is qc without any measurement inside it.
 * **Per notebook**: the manifest's execution seconds (papermill, kernel start included, HTML
-  export excluded) and the kernel process's own CPU (its lifetime as seen by the sampler);
-  ``overhead`` is the notebook's wall minus the stages inside it.
+  export excluded) and, with one kernel per notebook, the kernel process's own CPU (its
+  lifetime as seen by the sampler; a shared kernel's CPU is reported for the run);
+  ``overhead`` is the notebook's wall minus the stages it calls (``NOTEBOOK_STAGES``).
 * **Outside the notebooks**: the run's wall minus the notebooks' (study checks, input
   checksums, HTML export, manifest and index) and the ``esma`` process's own CPU.
 * **HTML export**: each executed notebook of the ``default`` run exported again with
@@ -99,13 +101,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "omp-default": {},
     "omp-passive": {},
     "sequential": {"executor": {"kind": "sequential"}},
+    # one kernel per notebook, as before the shared kernel (esma run --fresh-kernels)
+    "fresh-kernels": {},
 }
+#: Command-line options of the variants' ``esma run``.
+VARIANT_ARGS: dict[str, tuple[str, ...]] = {"fresh-kernels": ("--fresh-kernels",)}
 #: Environment of the variants' ``esma run`` (added to this process's; ``""`` is unset for
 #: libgomp, and ``esma run`` keeps a value that is set).
 VARIANT_ENV: dict[str, dict[str, str]] = {
     "plain": {"OMP_WAIT_POLICY": ""},
     "omp-default": {"OMP_WAIT_POLICY": ""},
     "omp-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+#: The stages each pipeline notebook calls (its overhead is its wall minus theirs).
+NOTEBOOK_STAGES: dict[str, tuple[str, ...]] = {
+    "01_segment": ("segment",),
+    "02_qc": ("measure", "qc", "qc_own"),
+    "03_metrics": ("metrics",),
+    "04_statistics": ("statistics",),
 }
 #: Targets of issue 19.
 MAX_RATIO = 2.0
@@ -370,16 +383,12 @@ def breakdown(run_dir: Path, sampler: TreeSampler, run: Mapping[str, Any]) -> di
         }
     kernels = sorted(sampler.kernels.values(), key=lambda k: k.first)
     ran = [nb for nb in manifest.get("notebooks", []) if nb.get("ipynb")]
+    own_kernels = len(kernels) == len(ran)  # one kernel per notebook (esma run --fresh-kernels)
     notebooks = []
     for i, nb in enumerate(ran):
-        kernel = kernels[i] if i < len(kernels) and len(kernels) == len(ran) else None
-        inside = [
-            name
-            for name, st in stages.items()
-            if kernel is not None
-            and "start_unix" in st
-            and kernel.first - 1.0 <= st["start_unix"] <= kernel.last + 1.0
-        ]
+        kernel = kernels[i] if own_kernels else None
+        # the stages each notebook calls (a shared kernel has no per-notebook lifetime)
+        inside = [name for name in NOTEBOOK_STAGES.get(nb["name"], ()) if name in stages]
         # when measure ran inside qc, count the outermost stages only
         top = [n for n in inside if n != "qc_own" and not (nested and n == "measure")]
         stage_wall = sum(stages[n]["wall_s"] for n in top)
@@ -394,6 +403,12 @@ def breakdown(run_dir: Path, sampler: TreeSampler, run: Mapping[str, Any]) -> di
                 "overhead_s": round(nb["seconds"] - stage_wall, 3),
             }
         )
+    if kernels and not own_kernels:
+        out_kernels = {"kernels": len(kernels),
+                       "kernel_cpu_s": round(sum(k.cpu for k in kernels), 3),
+                       "kernel_peak_rss_mb": round(max(k.peak_rss for k in kernels) / 2**20, 1)}
+    else:
+        out_kernels = {"kernels": len(kernels)}
     nb_wall = sum(nb["wall_s"] for nb in notebooks)
     for st in stages.values():
         st.pop("start_unix", None)
@@ -403,6 +418,7 @@ def breakdown(run_dir: Path, sampler: TreeSampler, run: Mapping[str, Any]) -> di
         "exit_code": manifest.get("exit_code"),
         "stages": stages,
         "notebooks": notebooks,
+        **out_kernels,
         "notebooks_wall_s": round(nb_wall, 3),
         "outside_notebooks_wall_s": round(run["wall_s"] - nb_wall, 3),
         "esma_process_own_cpu_s": round(sampler.root_own_cpu, 3),
@@ -715,11 +731,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             vstudy = variant_study(study, name)
             log.info("fresh esma run, variant %s", name)
             rec, sampler = timed_command(
-                esma("run", str(vstudy), "--quiet"),
+                esma("run", str(vstudy), "--quiet", *VARIANT_ARGS.get(name, ())),
                 cwd=work, interval=args.sample_interval, log_file=logs / f"run-{name}.log",
                 env=VARIANT_ENV.get(name),
             )
             rec["levers"] = lever_settings(vstudy)
+            rec["levers"]["shared_kernel"] = "--fresh-kernels" not in VARIANT_ARGS.get(name, ())
             rec["levers"]["env"] = {
                 k: os.environ.get(k, "") for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")
             } | VARIANT_ENV.get(name, {})

@@ -13,7 +13,11 @@ A run (:func:`run_study`, ``esma run STUDY.yml``) goes:
 3. execute ``01_segment``, ``02_qc``, ``03_metrics`` and ``04_statistics`` with papermill
    (kernel ``python3``, working folder = the run folder), after checking that every parameter
    passed is declared in the notebook's ``parameters`` cell (papermill itself only warns);
-   each executed notebook is exported to HTML without code cells;
+   each executed notebook is exported to HTML without code cells.  The notebooks share one
+   kernel (:class:`SharedKernel`: started once, its namespace cleared between notebooks, so
+   no notebook sees another's variables), which saves a kernel start and the imports per
+   notebook (issue 19); ``fresh_kernels=True`` (``esma run --fresh-kernels``) gives each
+   notebook its own;
 4. collect ``failures.csv`` (subject, stage, error) and ``excluded.csv`` (subject, reason), and
    write ``manifest.json`` and ``index.html`` (:mod:`helpers.provenance`).
 
@@ -27,6 +31,7 @@ Exit codes: 0 everything ran and no subject failed; 1 the run finished but some 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import html
@@ -35,7 +40,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +175,68 @@ def check_parameters(notebook: str | Path, parameters: Mapping[str, Any]) -> dic
     return dict(declared)
 
 
+class SharedKernel:
+    """One kernel for the notebooks of a run, started by the first notebook that uses it.
+
+    nbclient starts the kernel (in the working folder of that first notebook) and, since it
+    does not own the kernel manager, leaves it running; :meth:`reset` clears the namespace
+    (IPython's ``%reset -f``) before each later notebook, and :meth:`close` shuts it down.
+    Imported modules stay loaded: that is the saving.
+    """
+
+    #: Code run in the kernel before a notebook after the first.
+    RESET_CODE = "get_ipython().run_line_magic('reset', '-f')\nimport gc as _gc\n_gc.collect()\ndel _gc"
+
+    def __init__(self) -> None:
+        from jupyter_client.manager import AsyncKernelManager
+
+        self.km = AsyncKernelManager(kernel_name=KERNEL_NAME)
+        self.notebooks = 0
+
+    def reset(self, timeout: float = 120.0) -> None:
+        """Clear the kernel's namespace (nothing to do before the first notebook).
+
+        Raises
+        ------
+        RuntimeError
+            The kernel died or did not answer in ``timeout`` seconds.
+        """
+        if not self.km.has_kernel:
+            return
+        kc = self.km.blocking_client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=timeout)
+            reply = kc.execute_interactive(self.RESET_CODE, timeout=timeout, store_history=False,
+                                           output_hook=lambda _msg: None)
+        finally:
+            kc.stop_channels()
+        if reply["content"].get("status") != "ok":
+            msg = f"the shared kernel could not be reset: {reply['content'].get('evalue')}"
+            raise RuntimeError(msg)
+
+    def close(self) -> None:
+        """Shut the kernel down (now) if it was started."""
+        from jupyter_core.utils import run_sync
+
+        if self.km.has_kernel:
+            run_sync(self.km.shutdown_kernel)(now=True)
+
+
+@contextlib.contextmanager
+def shared_kernel(enabled: bool = True) -> Iterator[SharedKernel | None]:
+    """A :class:`SharedKernel` for a run's notebooks, shut down on the way out (also after an
+    error or Ctrl-C); ``None`` when not ``enabled`` (one kernel per notebook)."""
+    if not enabled:
+        yield None
+        return
+    kernel = SharedKernel()
+    try:
+        yield kernel
+    finally:
+        kernel.close()
+
+
 def execute_notebook(
     notebook: str | Path,
     run_dir: str | Path,
@@ -178,6 +245,7 @@ def execute_notebook(
     progress: bool = False,
     stream_output: bool = False,
     html: bool = True,
+    kernel: SharedKernel | None = None,
 ) -> NotebookRun:
     """Execute one notebook with papermill into ``run_dir`` and export it to HTML.
 
@@ -195,6 +263,8 @@ def execute_notebook(
         Echo the kernel's printed output (and progress bars) to this process's stderr.
     html : bool
         Export the executed notebook to HTML without code cells (also after a failure).
+    kernel : SharedKernel, optional
+        Run in this kernel (its namespace cleared first) instead of a new one.
 
     Returns
     -------
@@ -220,7 +290,11 @@ def execute_notebook(
     if stream_output:
         stream_kwargs = {"log_output": True, "stdout_file": sys.stderr, "stderr_file": sys.stderr}
     os.environ[RUN_PID_ENV] = str(os.getpid())  # the kernel inherits it (see open_study)
+    if kernel is not None:
+        stream_kwargs["km"] = kernel.km
     try:
+        if kernel is not None:
+            kernel.reset()
         pm.execute_notebook(
             str(notebook),
             str(out),
@@ -387,6 +461,7 @@ def run_study(
     progress: bool = True,
     stream_output: bool = False,
     extra_parameters: Mapping[str, Mapping[str, Any]] | None = None,
+    fresh_kernels: bool = False,
 ) -> RunResult:
     """Run a study's notebooks with papermill into a new run folder and write its index.
 
@@ -405,6 +480,8 @@ def run_study(
     extra_parameters : mapping, optional
         ``{notebook name: {parameter: value}}`` added to the standard ``study``/``run_dir``
         parameters (each checked against the notebook's declared parameters).
+    fresh_kernels : bool
+        Give each notebook its own kernel instead of one shared kernel (:class:`SharedKernel`).
 
     Returns
     -------
@@ -470,45 +547,47 @@ def run_study(
         return write_index(run_dir, manifest, failures, excluded)
 
     write_reports(EXIT_RUNNING)
-    for nb, params in plan:
-        params = {**params, "study": str(frozen), "run_dir": str(run_dir)}
-        if stopped:
-            runs.append(
-                NotebookRun(
-                    nb.stem,
-                    False,
-                    0.0,
-                    None,
-                    None,
-                    "not run: earlier notebook stopped",
-                    "NotRun",
-                    params,
+    with shared_kernel(not fresh_kernels) as kernel:
+        for nb, params in plan:
+            params = {**params, "study": str(frozen), "run_dir": str(run_dir)}
+            if stopped:
+                runs.append(
+                    NotebookRun(
+                        nb.stem,
+                        False,
+                        0.0,
+                        None,
+                        None,
+                        "not run: earlier notebook stopped",
+                        "NotRun",
+                        params,
+                    )
                 )
-            )
-            continue
-        if nb.stem in NEEDS_CLINICAL and study.clinical is None:
-            log.info("skipping %s: the study gives no clinical data", nb.name)
-            runs.append(
-                NotebookRun(
-                    nb.stem,
-                    True,
-                    0.0,
-                    None,
-                    None,
-                    "skipped: the study gives no clinical data",
-                    None,
-                    params,
+                continue
+            if nb.stem in NEEDS_CLINICAL and study.clinical is None:
+                log.info("skipping %s: the study gives no clinical data", nb.name)
+                runs.append(
+                    NotebookRun(
+                        nb.stem,
+                        True,
+                        0.0,
+                        None,
+                        None,
+                        "skipped: the study gives no clinical data",
+                        None,
+                        params,
+                    )
                 )
+                continue
+            log.info("running %s", nb.name)
+            result = execute_notebook(
+                nb, run_dir, params, progress=progress, stream_output=stream_output,
+                kernel=kernel,
             )
-            continue
-        log.info("running %s", nb.name)
-        result = execute_notebook(
-            nb, run_dir, params, progress=progress, stream_output=stream_output
-        )
-        runs.append(result)
-        if not result.ok:
-            stopped = True
-        write_reports(EXIT_RUNNING)  # an interrupted run still has an index of what it did
+            runs.append(result)
+            if not result.ok:
+                stopped = True
+            write_reports(EXIT_RUNNING)  # an interrupted run still has an index of what it did
 
     failures = collect_failures(run_dir)
     excluded = collect_excluded(run_dir, failures)

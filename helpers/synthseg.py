@@ -25,6 +25,14 @@ Label maps (:class:`LabelMap`, arrays in L-P-S order, values in :data:`TISSUES`)
     The real example scan's (``data/example``) muscles and its other tissues, found from its
     intensities (body outline, four intensity classes inside the body): real anatomy around the
     muscles, a tight field of view.
+``totalseg``
+    TotalSegmentator's real upper-abdominal MR example with its ``total_mr`` labels (shipped,
+    derived, in ``data/labelmaps/``): real organs, spine and body outline of a whole
+    cross-section with air around it.  Its back muscles are one autochthon per side, split here
+    by position (:func:`split_autochthon`: medial multifidus, lateral erector spinae, an
+    unknown band between), and it has no quadratus lumborum: the band and unlabelled muscle
+    beside the back muscles render as muscle but train as unknown (:data:`IGNORE`, nnU-Net's
+    ``ignore`` label).
 
 Rendering (:func:`render`, ranges in :class:`RenderSpec`)
 -----------------------------------------------------------
@@ -55,17 +63,24 @@ from helpers.errors import ConfigError, InputFileError
 
 __all__ = [
     "HELDOUT_SPEC",
+    "IGNORE",
     "LABELMAP_DIR",
     "TISSUES",
+    "TOTALSEG_MR_TISSUE",
     "TRAIN_SPEC",
     "LabelMap",
     "RenderSpec",
+    "body_mask",
+    "derive_totalseg_labelmap",
     "example_labelmap",
     "make_case",
     "phantom_labelmap",
     "render",
+    "split_autochthon",
     "template_labelmap",
+    "totalseg_labelmap",
     "unsided_mask",
+    "upsample_classes",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,12 +102,25 @@ TISSUES: dict[str, int] = {
     "cortical_bone": 14, "marrow": 15, "csf": 16, "nerve_root": 17,
     "organ_dark": 18, "organ_mid": 19, "organ_bright": 20,
     "kidney": 21, "liver": 22, "spleen": 23,
+    # muscle whose split into the eight labels is unknown (rendered as muscle; its training
+    # label is "ignore"): erector spinae + multifidus as one (TotalSegmentator's autochthon),
+    # and unlabelled soft tissue beside the back muscles, psoas and spine (it may hold
+    # quadratus lumborum)
+    "autochthon_right": 24, "autochthon_left": 25, "unlabelled_muscle": 26,
 }
 _N_CLASSES = max(TISSUES.values()) + 1
 _MUSCLES = tuple(range(1, 9))
-#: Unsided training label of each sided muscle value (multifidus 1, erector spinae 2, psoas 3,
-#: quadratus lumborum 4), the order of ``data/example/labels.json``.
-_UNSIDED = np.array([0, 1, 1, 2, 2, 3, 3, 4, 4] + [0] * (_N_CLASSES - 9), dtype=np.uint8)
+#: Sided target value of voxels whose muscle label is unknown (nnU-Net's ``ignore`` label).
+IGNORE = 9
+#: Sided training target of each tissue class: the muscles 1-8, unknown muscle :data:`IGNORE`,
+#: everything else background.
+_TARGET = np.zeros(_N_CLASSES, np.uint8)
+_TARGET[list(_MUSCLES)] = _MUSCLES
+_TARGET[[TISSUES["autochthon_right"], TISSUES["autochthon_left"],
+         TISSUES["unlabelled_muscle"]]] = IGNORE
+#: Unsided training label of each sided target value (multifidus 1, erector spinae 2, psoas 3,
+#: quadratus lumborum 4, the order of ``data/example/labels.json``; unknown 5, the ignore label).
+_UNSIDED = np.array([0, 1, 1, 2, 2, 3, 3, 4, 4, 5], dtype=np.uint8)
 #: Axial storage orders drawn for the cases: in-plane flips *and* transposes.
 ORIENTATIONS = ("LPS", "RAS", "LAS", "RPS", "PLS", "ARS", "PRS", "ALS")
 
@@ -387,17 +415,7 @@ def derive_example_labelmap(image: NDArray, mask: NDArray, spacing: tuple[float,
     and fat within 30 mm of the body outline is subcutaneous.
     """
     img = np.asarray(image, dtype=np.float32)
-    fat_level = float(np.percentile(img, 99))
-    body = img > 0.08 * fat_level
-    body = ndi.binary_opening(body, iterations=1)
-    lab, n = ndi.label(body)
-    if n == 0:
-        msg = "no body found in the image"
-        raise ConfigError(msg)
-    sizes = ndi.sum_labels(body, lab, index=np.arange(1, n + 1))
-    body = lab == (int(np.argmax(sizes)) + 1)
-    for k in range(body.shape[2]):
-        body[:, :, k] = ndi.binary_fill_holes(body[:, :, k])
+    body = body_mask(img)
     classes = np.zeros(img.shape, np.uint8)
     muscle = mask > 0
     other = body & ~muscle
@@ -414,15 +432,189 @@ def derive_example_labelmap(image: NDArray, mask: NDArray, spacing: tuple[float,
     return classes
 
 
+def body_mask(image: NDArray) -> NDArray[np.bool_]:
+    """The body of a fat-bright scan: the largest component above 8 % of the 99th intensity
+    percentile (the subcutaneous-fat level), opened once, holes filled per slice.
+
+    Raises
+    ------
+    ConfigError
+        Nothing above the threshold.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    body = ndi.binary_opening(img > 0.08 * float(np.percentile(img, 99)), iterations=1)
+    lab, n = ndi.label(body)
+    if n == 0:
+        msg = "no body found in the image"
+        raise ConfigError(msg)
+    sizes = ndi.sum_labels(body, lab, index=np.arange(1, n + 1))
+    body = lab == (int(np.argmax(sizes)) + 1)
+    for k in range(body.shape[2]):
+        body[:, :, k] = ndi.binary_fill_holes(body[:, :, k])
+    return body
+
+
+#: TotalSegmentator ``total_mr`` class values (``totalsegmentator/map_to_binary.py``) and the
+#: tissue class each becomes.  Classes not listed are treated as unlabelled tissue.
+TOTALSEG_MR_TISSUE: dict[int, str] = {
+    1: "spleen", 2: "kidney", 3: "kidney", 4: "organ_dark",  # gallbladder
+    5: "liver", 6: "bowel", 7: "organ_mid", 8: "organ_mid", 9: "organ_mid",  # pancreas, adrenals
+    10: "organ_dark", 11: "organ_dark",  # lungs
+    12: "bowel", 13: "bowel", 14: "bowel", 15: "bowel", 16: "organ_dark",  # ... urinary bladder
+    17: "organ_mid", 18: "marrow", 19: "marrow", 20: "organ_mid",  # prostate, sacrum, vertebrae, discs
+    21: "nerve_root", 22: "organ_mid", 23: "organ_dark", 24: "organ_dark",  # cord, heart, vessels
+    25: "organ_dark",
+    46: "autochthon_left", 47: "autochthon_right",
+    48: "psoas_major_left", 49: "psoas_major_right",  # iliopsoas: psoas above the pelvis
+}
+
+
+def derive_totalseg_labelmap(image: NDArray, seg: NDArray, spacing: tuple[float, float, float],
+                             margin_mm: float = 30.0) -> NDArray[np.uint8]:
+    """Tissue classes of a real fat-bright scan with TotalSegmentator ``total_mr`` labels (L-P-S).
+
+    Labelled structures map through :data:`TOTALSEG_MR_TISSUE` (vertebrae and sacrum get a
+    one-voxel cortical rim).  TotalSegmentator does not split the autochthonous back muscles
+    into erector spinae and multifidus and has no quadratus lumborum, so the autochthon stays
+    one unsplit muscle per side (training label: unknown), and unlabelled non-fat tissue within
+    ``margin_mm`` of the autochthon, the iliopsoas or the vertebrae is ``unlabelled_muscle``
+    (unknown too: it may be quadratus lumborum, psoas or crus).  Farther unlabelled non-fat
+    tissue (abdominal wall, diaphragm) is ``other_muscle``; unlabelled voxels brighter than
+    halfway from the autochthon's median to the body's 95th percentile are fat, subcutaneous
+    within 30 mm of the body outline.  Outside the body (:func:`body_mask`) is air.
+
+    Parameters
+    ----------
+    image : ndarray
+        The scan, fat bright.
+    seg : ndarray of int
+        TotalSegmentator ``total_mr`` labels on the same grid.
+    spacing : tuple of float
+        Voxel size (mm).
+    margin_mm : float
+        Reach (mm) of the unknown region around the back muscles, psoas and spine.
+
+    Raises
+    ------
+    ConfigError
+        No body, or no autochthon in ``seg``.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    seg = np.asarray(seg)
+    t = TISSUES
+    body = body_mask(img)
+    back = np.isin(seg, (46, 47))
+    if not back.any():
+        msg = "no autochthon (TotalSegmentator classes 46/47) in the label map"
+        raise ConfigError(msg)
+    classes = np.zeros(img.shape, np.uint8)
+    labelled = np.zeros(img.shape, bool)
+    for value, name in TOTALSEG_MR_TISSUE.items():
+        here = seg == value
+        classes[here] = t[name]
+        labelled |= here
+    bone = np.isin(seg, (18, 19))
+    rim = bone & ~ndi.binary_erosion(bone, structure=np.ones((3, 3, 1), bool))
+    classes[rim] = t["cortical_bone"]
+    other = body & ~labelled
+    fat_cut = 0.5 * (float(np.median(img[back])) + float(np.percentile(img[body], 95)))
+    fat = other & (img >= fat_cut)
+    depth = ndi.distance_transform_edt(body, sampling=(spacing[0], spacing[1], 1e6))
+    classes[fat & (depth <= 30.0)] = t["subcutaneous_fat"]
+    classes[fat & (depth > 30.0)] = t["other_fat"]
+    near = ndi.distance_transform_edt(~(back | np.isin(seg, (19, 48, 49))),
+                                      sampling=(spacing[0], spacing[1], 1e6)) <= margin_mm
+    soft = other & ~fat
+    classes[soft & near] = t["unlabelled_muscle"]
+    classes[soft & ~near] = t["other_muscle"]
+    return classes
+
+
+#: Share of the autochthon (erector spinae + multifidus) that is multifidus at L1 in the MuscleMap
+#: template (11-15 % over its top 11 slices; ``data/labelmaps/musclemap_template_muscles``).
+MULTIFIDUS_SHARE_L1 = 0.13
+
+
+def split_autochthon(classes: NDArray, spacing: tuple[float, float, float],
+                     multifidus_share: float = MULTIFIDUS_SHARE_L1, band_mm: float = 5.0
+                     ) -> NDArray[np.uint8]:
+    """Split an unsplit autochthon into multifidus (medial), erector spinae (lateral) and an
+    unknown band between them, per slice and side.
+
+    Multifidus lies on the laminae beside the spinous processes, erector spinae lateral to it.
+    The border is placed at the distance from the midline (half-way between the two sides'
+    centroids, per slice) below which ``multifidus_share`` of the side's autochthon lies; a
+    band of ``band_mm`` around it stays unknown (``autochthon_*``, trained as ``ignore``), so
+    only the cores teach the two labels.  L-P-S array order (axis 0 toward the left).
+
+    Parameters
+    ----------
+    classes : ndarray of uint8
+        Tissue classes (:data:`TISSUES`) with ``autochthon_right`` / ``autochthon_left``.
+    spacing : tuple of float
+        Voxel size (mm).
+    multifidus_share : float
+        Share (0-1) of each side's autochthon area taken as multifidus before the band.
+    band_mm : float
+        Width (mm) of the unknown band around the border.
+    """
+    t = TISSUES
+    out = np.array(classes, dtype=np.uint8, copy=True)
+    sides = ((t["autochthon_right"], t["multifidus_right"], t["erector_spinae_right"]),
+             (t["autochthon_left"], t["multifidus_left"], t["erector_spinae_left"]))
+    x = (np.arange(out.shape[0]) + 0.5) * spacing[0]
+    for k in range(out.shape[2]):
+        sl = out[:, :, k]
+        ri, li = (np.nonzero(sl == a)[0] for a, _, _ in sides)
+        if ri.size == 0 or li.size == 0:
+            continue
+        mid = 0.5 * (x[ri].mean() + x[li].mean())
+        dist = np.abs(x - mid)[:, None] * np.ones((1, sl.shape[1]))
+        for auto, mf, es in sides:
+            inside = sl == auto
+            cut = float(np.quantile(dist[inside], multifidus_share))
+            sl[inside & (dist <= cut - band_mm / 2)] = mf
+            sl[inside & (dist > cut + band_mm / 2)] = es
+    return out
+
+
+def upsample_classes(classes: NDArray, factor: tuple[float, float, float]) -> NDArray[np.uint8]:
+    """A class map on a finer grid with smooth borders: each class's indicator is interpolated
+    linearly and lightly smoothed, and every new voxel takes the class of highest value."""
+    def indicator(value: int) -> NDArray[np.float32]:
+        ind = ndi.zoom((classes == value).astype(np.float32), factor, order=1, grid_mode=True,
+                       mode="nearest")
+        return ndi.gaussian_filter(ind, [0.4 * max(f - 1.0, 0.0) for f in factor])
+
+    first, *rest = (int(v) for v in np.unique(classes))
+    best = indicator(first)
+    out = np.full(best.shape, first, np.uint8)
+    for value in rest:
+        ind = indicator(value)
+        win = ind > best
+        best[win] = ind[win]
+        out[win] = value
+    return out
+
+
+def totalseg_labelmap() -> LabelMap:
+    """The shipped label map derived from TotalSegmentator's MR example (``data/labelmaps``)."""
+    return _shipped_labelmap("totalseg", "totalseg_mr_tissues.nii.gz")
+
+
 def example_labelmap() -> LabelMap:
     """The shipped label map derived from the real example (``data/labelmaps``)."""
-    path = LABELMAP_DIR / "musclemap_sample_tissues.nii.gz"
+    return _shipped_labelmap("example", "musclemap_sample_tissues.nii.gz")
+
+
+def _shipped_labelmap(name: str, filename: str) -> LabelMap:
+    path = LABELMAP_DIR / filename
     if not path.is_file():
         raise InputFileError(path, "label map not found (scripts/make_labelmaps.py makes it)")
     img = nib.load(path)
     if nib.aff2axcodes(img.affine) != ("L", "P", "S"):
         raise InputFileError(path, "expected L-P-S array order")
-    return LabelMap("example", np.asarray(img.dataobj).astype(np.uint8),
+    return LabelMap(name, np.asarray(img.dataobj).astype(np.uint8),
                     tuple(float(z) for z in img.header.get_zooms()[:3]))  # type: ignore[arg-type]
 
 
@@ -450,7 +642,7 @@ def _intensities(rng: np.random.Generator, spec: RenderSpec) -> NDArray[np.float
             mu[t[name]] = u(0.45, 0.95)
         mu[t["other_muscle"]] = m * u(0.9, 1.1)
         mu[t["cortical_bone"]] = u(0.0, 0.1)
-        return mu
+        return _unsplit_muscle(mu)
     mu[t["skin"]] = u(0.15, 0.8)
     mu[t["other_muscle"]] = m * u(0.8, 1.2)
     mu[t["bowel"]] = u(0.03, 0.9)
@@ -466,6 +658,16 @@ def _intensities(rng: np.random.Generator, spec: RenderSpec) -> NDArray[np.float
     mu[t["kidney"]] = u(0.03, 0.9)
     mu[t["liver"]] = u(0.05, 0.8)
     mu[t["spleen"]] = u(0.03, 0.8)
+    return _unsplit_muscle(mu)
+
+
+def _unsplit_muscle(mu: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Autochthon as its side's erector spinae, unlabelled muscle as other muscle (no new draw:
+    label maps without these classes render exactly as before they existed)."""
+    t = TISSUES
+    mu[t["autochthon_right"]] = mu[t["erector_spinae_right"]]
+    mu[t["autochthon_left"]] = mu[t["erector_spinae_left"]]
+    mu[t["unlabelled_muscle"]] = mu[t["other_muscle"]]
     return mu
 
 
@@ -486,7 +688,8 @@ def _target_grid(lm: LabelMap, rng: np.random.Generator, spec: RenderSpec, param
     n_sl = int(rng.integers(spec.n_slices[0], spec.n_slices[1] + 1))
     n_sl = max(1, min(n_sl, int(nz * sz // thick)))
     # spine centre: the multifidus centroid (world mm from the array origin)
-    spine = np.argwhere(np.isin(lm.classes, (1, 2)))
+    spine = np.argwhere(np.isin(lm.classes, (1, 2, TISSUES["autochthon_right"],
+                                              TISSUES["autochthon_left"])))
     cx, cy = (spine[:, :2].mean(axis=0) * (sx, sy)) if spine.size else (nx * sx / 2, ny * sy / 2)
     # the crop centre: near the spine for tight crops, near the body centre for wide ones
     body = np.argwhere(lm.classes[:, :, nz // 2] > 0)
@@ -530,8 +733,9 @@ def render(lm: LabelMap, seed: int, spec: RenderSpec = TRAIN_SPEC
     -------
     image, mask : Nifti1Image
         float32 intensities and uint8 sided muscle labels (values of
-        ``data/example/labels.json``; :func:`unsided_mask` merges the sides for training) on
-        one axial grid, stored in a random axial orientation.
+        ``data/example/labels.json``, :data:`IGNORE` where the muscle is unknown;
+        :func:`unsided_mask` merges the sides for training) on one axial grid, stored in a
+        random axial orientation.
     params : dict
         What was drawn (JSON-serialisable).
     """
@@ -557,7 +761,10 @@ def render(lm: LabelMap, seed: int, spec: RenderSpec = TRAIN_SPEC
     tex = _smooth(rng, shape, coarse).astype(np.float32)
     img *= 1.0 + float(rng.uniform(0.0, 0.12)) * tex
     streaks = _smooth(rng, shape, (max(2, nx // 10), max(2, ny // 30), max(2, shape[2] // 2)))
-    for value, s in zip(_MUSCLES, share, strict=True):
+    # streaky fat of unsplit autochthon follows its side's erector spinae
+    streaky = [*zip(_MUSCLES, share, strict=True), (TISSUES["autochthon_right"], share[2]),
+               (TISSUES["autochthon_left"], share[3])]
+    for value, s in streaky:
         inside = cls == value
         if s <= 0 or not inside.any():
             continue
@@ -600,19 +807,20 @@ def render(lm: LabelMap, seed: int, spec: RenderSpec = TRAIN_SPEC
     orient = str(rng.choice(ORIENTATIONS))
     params["orientation"] = orient
     image = reorient(nib.Nifti1Image(np.rint(out).astype(np.float32), aff), orient)
-    muscles = np.where(lab <= 8, lab, 0).astype(np.uint8)
-    mask = reorient(nib.Nifti1Image(muscles, aff), orient)
+    mask = reorient(nib.Nifti1Image(_TARGET[lab], aff), orient)
     return image, mask, params
 
 
 def unsided_mask(mask: NDArray) -> NDArray[np.uint8]:
-    """Sided muscle labels (1-8) to the unsided training labels (1-4, muscle order)."""
+    """Sided muscle labels (1-8, :data:`IGNORE`) to the unsided training labels (1-4, muscle
+    order; 5 unknown)."""
     return _UNSIDED[np.asarray(mask)]
 
 
 def make_case(kind: str, seed: int, spec: RenderSpec = TRAIN_SPEC, organs: bool = False
               ) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict[str, Any]]:
-    """One rendered case from a fresh label map of ``kind`` (phantom / template / example);
+    """One rendered case from a fresh label map of ``kind`` (phantom / template / example /
+    totalseg);
     ``organs`` adds kidneys, liver and spleen to the procedural bodies."""
     rng = np.random.default_rng(seed)
     lm_seed = int(rng.integers(0, 2**31))
@@ -622,8 +830,10 @@ def make_case(kind: str, seed: int, spec: RenderSpec = TRAIN_SPEC, organs: bool 
         lm = template_labelmap(lm_seed, organs=organs)
     elif kind == "example":
         lm = example_labelmap()
+    elif kind == "totalseg":
+        lm = totalseg_labelmap()
     else:
-        msg = f"label map kind must be phantom, template or example, got {kind!r}"
+        msg = f"label map kind must be phantom, template, example or totalseg, got {kind!r}"
         raise ConfigError(msg)
     img, msk, params = render(lm, int(rng.integers(0, 2**31)), spec)
     params["labelmap_seed"] = lm_seed

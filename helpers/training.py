@@ -211,6 +211,11 @@ class TrainSettings:
         A parent model (exported zip or trained folder) to fine-tune: its plans (network,
         spacing, normalisation) are used instead of new ones and its fold weights initialise
         the training (nnU-Net's ``pretrained_weights``).  Its labels must equal the cases'.
+    ignore_label : bool
+        The masks may hold one more value than the label file declares (``N + 1``): voxels
+        whose label is unknown (partly labelled cases, e.g. a label map that merges two of
+        the muscles).  nnU-Net's ``ignore`` label: they add nothing to the loss, and the
+        model never predicts them.
     """
 
     dataset_id: int = 501
@@ -235,6 +240,7 @@ class TrainSettings:
     save_every: int | None = None
     seed: int = 12345
     init_from: str | None = None
+    ignore_label: bool = False
 
     def __post_init__(self) -> None:
         if not 11 <= int(self.dataset_id) <= 999:
@@ -349,8 +355,11 @@ def labels_document(labels: LabelTable) -> dict[str, Any]:
     }
 
 
-def dataset_json_labels(labels: LabelTable) -> dict[str, int]:
+def dataset_json_labels(labels: LabelTable, ignore: bool = False) -> dict[str, int]:
     """nnU-Net ``dataset.json`` labels (``background: 0`` then ``muscle[_side]: value``).
+
+    With ``ignore``, ``ignore: N + 1`` follows (nnU-Net's label for unknown voxels, which must
+    be the highest value).
 
     Raises
     ------
@@ -365,6 +374,8 @@ def dataset_json_labels(labels: LabelTable) -> dict[str, int]:
     out = {"background": 0}
     for lab in sorted(labels.labels, key=lambda x: x.value):
         out[f"{lab.muscle}_{lab.side}" if lab.side else lab.muscle] = lab.value
+    if ignore:
+        out["ignore"] = len(values) + 1
     return out
 
 
@@ -434,12 +445,13 @@ def pair_cases(images: str | Path, masks: str | Path) -> list[TrainingCase]:
     return cases
 
 
-def check_training_cases(cases: Sequence[TrainingCase], labels: LabelTable) -> None:
+def check_training_cases(cases: Sequence[TrainingCase], labels: LabelTable,
+                         ignore: bool = False) -> None:
     """Check every image/mask pair before nnU-Net sees them; report all problems at once.
 
     Checks: IDs unique and well-formed, files readable, image and mask on the same grid
     (shape and affine within :data:`helpers.nifti.AFFINE_TOLERANCE_MM`), mask values declared
-    by the label file.
+    by the label file (plus ``N + 1``, unknown, with ``ignore``).
 
     Raises
     ------
@@ -477,7 +489,10 @@ def check_training_cases(cases: Sequence[TrainingCase], labels: LabelTable) -> N
             geometry.append(f"  {case.case_id}: {exc}")
             continue
         try:
-            labels.check_values(np.unique(mask.data), case.mask)
+            present = set(map(int, np.unique(mask.data)))
+            if ignore:
+                present.discard(len(labels.values) + 1)
+            labels.check_values(present, case.mask)
         except LabelError as exc:
             other.append(exc)
     if geometry:
@@ -508,8 +523,8 @@ def write_raw_dataset(
     sform both set), so nnU-Net's SimpleITK reader sees identical geometry for the pair.  An
     existing dataset folder of the same ID is replaced.
     """
-    check_training_cases(cases, labels)
-    ds_labels = dataset_json_labels(labels)
+    check_training_cases(cases, labels, settings.ignore_label)
+    ds_labels = dataset_json_labels(labels, settings.ignore_label)
     folder = dirs.make().raw / settings.dataset_folder_name
     for old in dirs.raw.glob(f"Dataset{int(settings.dataset_id):03d}_*"):
         shutil.rmtree(old)
@@ -1023,7 +1038,7 @@ def _prepared_stamp(cases: Sequence[TrainingCase], labels: LabelTable,
             h.update(f"{case.case_id}|{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     keep = {k: v for k, v in asdict(settings).items()
             if k in ("dataset_id", "dataset_name", "configuration", "validation_cases",
-                     "planner", "small_network", "reader", "init_from")}
+                     "planner", "small_network", "reader", "init_from", "ignore_label")}
     h.update(json.dumps([labels_document(labels), keep], sort_keys=True, default=str).encode())
     return h.hexdigest()
 

@@ -9,6 +9,13 @@
   to the muscles with a 20 mm margin.
 - ``musclemap_sample_tissues.nii.gz``: the real example (``data/example``) as tissue classes
   (``helpers.synthseg.derive_example_labelmap``), on its own grid, L-P-S.
+- ``totalseg_mr_tissues.nii.gz``: TotalSegmentator's MR example
+  (``<shared>/data/totalseg_mr_example``, image and ``total_mr`` labels) as tissue classes
+  (``helpers.synthseg.derive_totalseg_labelmap``: autochthon unsplit, unknown muscle around the
+  back muscles, psoas and spine), derived on its 3 mm grid and upsampled in-plane to 1 mm with
+  smooth borders (``helpers.synthseg.upsample_classes``), then the autochthon split by position
+  into multifidus, erector spinae and an unknown band (``helpers.synthseg.split_autochthon``),
+  L-P-S.
 
 Deterministic: the same inputs give byte-identical label arrays.
 """
@@ -23,7 +30,14 @@ import numpy as np
 
 from helpers.nifti import load_image, load_mask
 from helpers.synthetic import reorient
-from helpers.synthseg import EXAMPLE_DIR, LABELMAP_DIR, derive_example_labelmap
+from helpers.synthseg import (
+    EXAMPLE_DIR,
+    LABELMAP_DIR,
+    derive_example_labelmap,
+    derive_totalseg_labelmap,
+    split_autochthon,
+    upsample_classes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +82,18 @@ def sample_tissues() -> None:
     _save(classes, spacing, LABELMAP_DIR / "musclemap_sample_tissues.nii.gz")
 
 
+def totalseg_tissues(shared: Path) -> None:
+    src = shared / "data" / "totalseg_mr_example"
+    image = reorient(nib.load(src / "mr.nii.gz"), "LPS")
+    seg = reorient(nib.load(src / "mr_seg_total_mr.nii.gz"), "LPS")
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    classes = derive_totalseg_labelmap(np.asarray(image.dataobj, dtype=np.float32),
+                                       np.rint(np.asarray(seg.dataobj)).astype(np.int16), spacing)
+    factor = (spacing[0] / 1.0, spacing[1] / 1.0, 1.0)
+    fine = split_autochthon(upsample_classes(classes, factor), (1.0, 1.0, spacing[2]))
+    _save(fine, (1.0, 1.0, spacing[2]), LABELMAP_DIR / "totalseg_mr_tissues.nii.gz")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shared", type=Path, default=REPO.parent / "shared")
@@ -75,6 +101,7 @@ def main() -> int:
     LABELMAP_DIR.mkdir(parents=True, exist_ok=True)
     template_muscles(args.shared)
     sample_tissues()
+    totalseg_tissues(args.shared)
     return 0
 
 

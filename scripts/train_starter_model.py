@@ -5,8 +5,8 @@ One command, CPU only, resumable (run it again with the same ``--work`` after an
 
     .venv/bin/python scripts/train_starter_model.py --work /scratch/esma-starter
 
-Steps: training cases (``helpers.synthseg``: phantom, MuscleMap-template and real-example label
-maps rendered with random contrast, field of view, resolution, bias, noise and artefacts; plus
+Steps: training cases (``helpers.synthseg``: phantom, MuscleMap-template, real-example and
+TotalSegmentator-example label maps rendered with random contrast, field of view, resolution, bias, noise and artefacts; plus
 deformed copies of the real example image, ``helpers.trainset``) -> nnU-Net raw dataset, plan and
 preprocess (small 2d network, nnU-Net's ``NibabelIOWithReorient`` reader so that the storage
 orientation never matters) -> train one fold (checkpoints every few epochs) -> export zip ->
@@ -16,7 +16,12 @@ Dice come from ``benchmarks/bench_starter_model.py``.
 ``--leave-out musclemap_sample`` trains without anything derived from the MuscleMap sample scan
 (its image, its mask, and the phantoms, which are built from that mask): only the MuscleMap
 template's label map remains.  That model, scored on the sample, is the leave-one-source-out
-check.
+check.  ``--leave-out totalseg`` trains without the label map derived from TotalSegmentator's
+MR example (the recipe of the starter model before that map existed), the matching check for
+that scan.
+
+The TotalSegmentator map does not split erector spinae from multifidus and has no quadratus
+lumborum: those voxels carry nnU-Net's ``ignore`` label (``TrainSettings.ignore_label``).
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def make_cases(folder: Path, counts: dict[str, int], seed: int, workers: int,
     folder.mkdir(parents=True, exist_ok=True)
     synth = [CaseJob(f"trn-{kind[:2]}{k:03d}", kind, seed * 100000 + 1000 * i + k, str(folder),
                      TRAIN_SPEC, organs)
-             for i, kind in enumerate(("phantom", "template", "example"))
+             for i, kind in enumerate(("phantom", "template", "example", "totalseg"))
              for k in range(counts.get(kind, 0))]
     real = [(f"trn-re{k:03d}", seed * 100000 + 5000 + k, str(folder))
             for k in range(counts.get("real", 0))]
@@ -94,11 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "data" / "starter_model")
     p.add_argument("--work", type=Path, default=REPO / "build" / "starter-train",
                    help="scratch folder; an interrupted run resumes from it")
-    p.add_argument("--leave-out", choices=("none", "musclemap_sample"), default="none")
+    p.add_argument("--leave-out", choices=("none", "musclemap_sample", "totalseg"),
+                   default="none")
     p.add_argument("--n-phantom", type=int, default=60)
     p.add_argument("--n-template", type=int, default=60)
     p.add_argument("--n-example", type=int, default=30, help="cases from the example's label map")
     p.add_argument("--n-real", type=int, default=30, help="deformed copies of the real image")
+    p.add_argument("--n-totalseg", type=int, default=30,
+                   help="cases from the TotalSegmentator MR example's label map")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--features", default="8,16,32,64,128")
@@ -126,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(ledger_path, json.dumps(ledger, indent=2) + "\n")
     stages: dict[str, float] = {}
     counts = {"phantom": args.n_phantom, "template": args.n_template,
-              "example": args.n_example, "real": args.n_real}
+              "example": args.n_example, "real": args.n_real, "totalseg": args.n_totalseg}
     if args.leave_out == "musclemap_sample":
         counts.update({"phantom": 0, "example": 0, "real": 0})
         counts["template"] = args.n_template + args.n_phantom + args.n_example + args.n_real
+    elif args.leave_out == "totalseg":
+        counts["totalseg"] = 0
     t = time.perf_counter()
     cases, _rows = make_cases(args.work / "cases", counts, args.seed, min(2, os.cpu_count() or 1),
                               args.organs)
@@ -140,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     labels_path = args.work / "labels.json"
     atomic_write_text(labels_path, json.dumps(LABELS_DOC, indent=2) + "\n")
     val = tuple(c.case_id for c in cases[:: max(1, len(cases) // 4)][:4])
+    ids = {"none": (502, "EsmaStarter"), "musclemap_sample": (503, "EsmaStarterLOSO"),
+           "totalseg": (504, "EsmaStarterNoTS")}
     settings = TrainSettings(
-        dataset_id=502 if args.leave_out == "none" else 503,
-        dataset_name="EsmaStarter" if args.leave_out == "none" else "EsmaStarterLOSO",
+        dataset_id=ids[args.leave_out][0], dataset_name=ids[args.leave_out][1],
         configuration="2d", folds=(0,), validation_cases=val,
         small_network=SmallNetwork(spacing_mm=1.875,
                                    features=tuple(int(f) for f in args.features.split(",")),
@@ -152,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs, iterations_per_epoch=args.iterations, val_iterations_per_epoch=3,
         rotation_deg=30.0, device="cpu", num_threads=args.threads, da_workers=1,
         preprocess_workers=2, reader="NibabelIOWithReorient", resume=True, save_every=2,
-        seed=args.seed,
+        seed=args.seed, ignore_label=counts["totalseg"] > 0,
     )
     note = (f"helpers.synthseg cases: {counts['phantom']} phantom, {counts['template']} MuscleMap "
-            f"template, {counts['example']} real-example label maps; {counts['real']} deformed "
+            f"template, {counts['example']} real-example, {counts['totalseg']} "
+            f"TotalSegmentator-example label maps; {counts['real']} deformed "
             f"copies of the real example image (leave out: {args.leave_out}; organs: "
             f"{args.organs})")
     out_zip = args.work / MODEL_NAME
@@ -170,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           strict=True)]
     wall_all = sum(e - r["start"] for r, e in zip(ledger, ends, strict=True))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = MODEL_NAME if args.leave_out == "none" else "esma_starter_model_loso.zip"
+    suffix = {"none": "", "musclemap_sample": "_loso", "totalseg": "_no_totalseg"}[args.leave_out]
+    name = MODEL_NAME.replace(".zip", f"{suffix}.zip")
     final = args.out / name
     shutil.copyfile(out_zip, final.with_name(final.name + ".part"))
     final.with_name(final.name + ".part").replace(final)
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "nnunet_validation": result.validation.groupby("muscle")["dice"].mean().round(4).to_dict(),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    stem = "training" if args.leave_out == "none" else "training_loso"
+    stem = f"training{suffix}"
     atomic_write_text(args.out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
     log.info("wrote %s (%.1f MB) in %.0f s wall, %.0f s CPU", final,
              final.stat().st_size / 1e6, wall, cpu)

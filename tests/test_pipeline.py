@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import nbformat
 import pandas as pd
+import psutil
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
@@ -285,6 +287,41 @@ def test_run_study_exit_codes_and_failed_notebooks(tmp_path, example_dir, capsys
     assert out[0].startswith(f"esma: run {bad.run_id} of study tiny: ")
     assert out[1] == "esma: notebook(s) stopped: b_bad_input, a_ok (see their HTML reports)"
     assert out[-1] == f"esma: report: {bad.index}"
+
+
+def test_notebooks_share_one_kernel_but_never_each_others_variables(tmp_path, example_dir):
+    """One kernel for the run's notebooks (issue 19), its namespace cleared between them, and
+    shut down when the run ends; ``fresh_kernels`` gives each notebook its own."""
+    study = _tiny_study(tmp_path, example_dir)
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    body = (
+        "import os, pathlib\n"
+        "seen = 'secret' in globals()\n"
+        "secret = 42\n"
+        "pathlib.Path('{name}.txt').write_text(f'{{os.getpid()}} {{seen}} {{os.getcwd()}}')"
+    )
+    for name in ("first", "second", "third"):
+        _notebook(nbs, name, body.format(name=name))
+
+    def kernels(result):
+        rows = [(result.run_dir / f"{n}.txt").read_text().split() for n in ("first", "second",
+                                                                              "third")]
+        assert all(r[1] == "False" for r in rows)  # no notebook saw another's variable
+        assert all(Path(r[2]) == result.run_dir for r in rows)  # each ran in the run folder
+        return {int(r[0]) for r in rows}
+
+    shared = runner.run_study(study, notebooks=["first", "second", "third"], notebook_dir=nbs,
+                              progress=False)
+    assert shared.exit_code == 0
+    (pid,) = kernels(shared)
+    assert pid != os.getpid()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    fresh = runner.run_study(study, notebooks=["first", "second", "third"], notebook_dir=nbs,
+                             progress=False, fresh_kernels=True)
+    assert fresh.exit_code == 0
+    assert len(kernels(fresh)) == 3
 
 
 # ==========================================================================================

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from child_process import stop_process
 
 from helpers import runner
 
@@ -116,12 +117,7 @@ def chromium(profile: Path):
         port = port_file.read_text().split()[0]
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def open_page(port: str, url: str, screenshot: Path) -> dict:

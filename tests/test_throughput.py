@@ -81,3 +81,40 @@ def test_throughput_checks_judge_ratio_speedup_and_memory():
     assert got["memory_flat"]["ok"] is False  # 1400 > 1.25 x 1000 + 50
     cohorts["200"]["runs"]["default"]["peak_rss_tree_mb"] = 1290.0
     assert bench.checks(cohorts)["memory_flat"]["ok"] is True
+
+
+def test_breakdown_charges_each_notebook_with_its_own_stages(tmp_path):
+    """Notebook overhead = its wall minus the stages it calls, with one shared kernel (one
+    kernel for four notebooks) and with one kernel per notebook."""
+    import json
+
+    bench = _bench()
+    run_dir = tmp_path / "run"
+    (run_dir / "stages").mkdir(parents=True)
+    t0 = 1_000_000.0
+    walls = {"segment": 10.0, "measure": 6.0, "qc": 3.0, "metrics": 2.0, "statistics": 1.0}
+    end = t0
+    for stage, wall in walls.items():  # one after the other
+        end += wall + 1.0
+        path = run_dir / "stages" / f"{stage}.json"
+        path.write_text(json.dumps({"stage": stage, "seconds": wall}))
+        os.utime(path, (end, end))
+    nb_wall = {"01_segment": 12.5, "02_qc": 11.0, "03_metrics": 3.5, "04_statistics": 2.0}
+    manifest = {"notebooks": [{"name": n, "seconds": s, "ipynb": f"{n}.ipynb"}
+                              for n, s in nb_wall.items()], "seconds": 32.0, "exit_code": 0}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    sampler = bench.TreeSampler(psutil.Process())
+    sampler.series = [(t0 - 1, 0.0, 0), (end + 1, 50.0, 0)]
+    expected = {"01_segment": 2.5, "02_qc": 2.0, "03_metrics": 1.5, "04_statistics": 1.0}
+    for kernels in (1, 4):
+        sampler.kernels = {i: bench.KernelSeen(i, t0 + i, t0 + i + 1, cpu=2.0, peak_rss=2**20)
+                           for i in range(kernels)}
+        out = bench.breakdown(run_dir, sampler, {"wall_s": 35.0})
+        assert {nb["name"]: nb["overhead_s"] for nb in out["notebooks"]} == expected
+        assert out["kernels"] == kernels
+        assert out["outside_notebooks_wall_s"] == 35.0 - 29.0
+        if kernels == 1:
+            assert out["kernel_cpu_s"] == 2.0
+            assert all(nb["kernel_cpu_s"] is None for nb in out["notebooks"])
+        else:
+            assert [nb["kernel_cpu_s"] for nb in out["notebooks"]] == [2.0] * 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -137,6 +138,18 @@ def test_check_reports_every_mismatched_pair(tmp_path):
     assert "cropped" in text
     assert "shape" in text
     assert "  ok:" not in text
+
+
+def test_ignore_label_is_the_next_value_and_only_allowed_when_asked(tmp_path):
+    assert dataset_json_labels(LABELS, ignore=True) == {
+        "background": 0, "multifidus_right": 1, "multifidus_left": 2, "ignore": 3}
+    assert "ignore" not in dataset_json_labels(LABELS)
+    partly = _pair(tmp_path, "partly", values=(1, 3))  # 3 = N + 1: unknown voxels
+    check_training_cases([partly], LABELS, ignore=True)
+    with pytest.raises(LabelError, match=r"\[3\]"):
+        check_training_cases([partly], LABELS)
+    with pytest.raises(LabelError, match=r"\[4\]"):  # N + 2 is never the ignore label
+        check_training_cases([_pair(tmp_path, "over", values=(1, 4))], LABELS, ignore=True)
 
 
 def test_check_reports_undeclared_labels_and_bad_ids(tmp_path):
@@ -384,6 +397,42 @@ def test_train_export_predict_chain(tmp_path, monkeypatch):
     theirs = np.asarray(nib.load(tmp_path / "nn_out" / "x.nii.gz").dataobj)
     ours = np.asarray(nib.load(Path(out.loc[0, "mask"])).dataobj)
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.slow
+def test_training_with_unknown_voxels_uses_the_ignore_label(tmp_path, monkeypatch):
+    """Partly labelled cases (value N + 1 = unknown, as the TotalSegmentator label map gives
+    for the unsplit back muscles) train with nnU-Net's ignore label; the model never predicts
+    it and esma reads its labels without it."""
+    from helpers.segment import SegmentSettings, segment_cohort
+    from helpers.training import train_model
+
+    monkeypatch.setenv("ESMA_CACHE", str(tmp_path / "cache"))
+    cases, labels, _ = make_training_set(tmp_path / "cases", 2, 2, seed=9)
+    unknown = len(labels.values) + 1
+    img = nib.load(cases[1].mask)
+    data = np.asarray(img.dataobj).copy()
+    data[np.isin(data, (1, 2))] = unknown  # multifidus and erector spinae unsplit: unknown
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), img.affine, img.header), cases[1].mask)
+    settings = TrainSettings(
+        dataset_id=986, dataset_name="EsmaIgnore", folds=(0,),
+        validation_cases=(cases[0].case_id,),
+        small_network=SmallNetwork(features=(4, 8, 16), batch_size=2), epochs=1,
+        iterations_per_epoch=2, val_iterations_per_epoch=1, device="cpu", num_threads=1,
+        da_workers=1, preprocess_workers=1, ignore_label=True)
+    with pytest.raises(LabelError, match=rf"\[{unknown}\]"):
+        train_model(cases, labels, tmp_path / "w0", tmp_path / "m0.zip",
+                    dataclasses.replace(settings, ignore_label=False))
+    result = train_model(cases, labels, tmp_path / "work", tmp_path / "m.zip", settings)
+    info = load_model(result.model_zip)
+    dataset = json.loads((info.folder / "dataset.json").read_text())
+    assert dataset["labels"]["ignore"] == unknown
+    assert [lab.value for lab in info.labels.labels] == list(labels.values)
+    out = segment_cohort([cases[2].image], info, tmp_path / "esma",
+                         SegmentSettings(device="cpu", split_sides=False, check_scan=False),
+                         progress=False)
+    assert out.loc[0, "status"] == "done", out.loc[0, "error"]
+    assert unknown not in np.unique(np.asarray(nib.load(out.loc[0, "mask"]).dataobj))
 
 
 def test_cli_train_reports_bad_pairs_before_training(tmp_path, capsys):

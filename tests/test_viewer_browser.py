@@ -31,6 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from child_process import stop_process
 
 from helpers.labels import Label, LabelTable
 from helpers.qc import label_colours
@@ -171,11 +172,7 @@ def jupyterlab(tmp_path_factory):
             pytest.fail("jupyter lab did not start within 120 s")
         yield root, base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 
