@@ -203,6 +203,19 @@ def _dice_table(result: dict, key: str, models: list[str]) -> list[str]:
     return rows
 
 
+def _earlier_loso(result: dict, loso_training: dict) -> str:
+    """The card's comparison with the leave-one-source-out model of the recipe before the
+    TotalSegmentator map (``starter_loso_no_totalseg``, kept as measured), if both exist."""
+    earlier = result["models"].get("starter_loso_no_totalseg", {}).get("musclemap_sample")
+    if not earlier or not loso_training.get("counts", {}).get("totalseg"):
+        return ""
+    lo, hi = _range(earlier)
+    return (" Adding the TotalSegmentator map did not help here: the recipe before it, "
+            f"without the sample (template only, 40 epochs), scored {lo:.2f}-{hi:.2f}. One "
+            "training each, so the difference includes training-to-training variation, which "
+            "was not measured.")
+
+
 def _join(models: list[str]) -> str:
     """``a``, ``a and b``, ``a, b and c`` (model names in code font)."""
     names = [f"`{m}`" for m in models]
@@ -347,8 +360,9 @@ def write_card(result: dict, training: dict, path: Path) -> None:
             "starter_model_loso_training.json`) scores that real scan at Dice "
             f"{lo:.2f}-{hi:.2f} per label (the shipped model, which saw "
             "deformed copies of it: "
-            + "{:.2f}-{:.2f}".format(*_range(st.get("musclemap_sample", {}))) + "). More real "
-            "label maps in training, not more rendering, is what it needs.")
+            + "{:.2f}-{:.2f}".format(*_range(st.get("musclemap_sample", {}))) + ")."
+            + _earlier_loso(result, lt) + " Labelled real lumbar scans (ideally traced by "
+            "hand), not more rendering, are what it needs.")
     lines += [
         "## What it cannot do",
         "",

@@ -7,8 +7,8 @@ In one invocation and one process tree, on one cohort with the same settings, th
   *variant* (``--variants``): ``default`` (the study as built), ``mosaic-plain`` (QC mosaics
   as before issue 19: a matplotlib figure with one axes per tile, every subject with all its
   slices), ``mosaic-direct-full`` (composed directly, every subject in full), ``sequential``
-  (``executor: sequential``, for the scaling of item 3), ``fresh-kernels`` (one kernel per
-  notebook, as before the run's notebooks shared one),
+  (``executor: sequential``, for the scaling of item 3), ``shared-kernel`` (all notebooks in
+  one kernel, ``esma run --shared-kernel``),
 
 and reports the ratio run / segment, the per-stage breakdown (wall and CPU), the per-notebook
 overhead (kernel start, imports, display), the HTML export cost, peak memory of the whole
@@ -101,11 +101,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "omp-default": {},
     "omp-passive": {},
     "sequential": {"executor": {"kind": "sequential"}},
-    # one kernel per notebook, as before the shared kernel (esma run --fresh-kernels)
-    "fresh-kernels": {},
+    # all notebooks in one kernel (esma run --shared-kernel)
+    "shared-kernel": {},
 }
 #: Command-line options of the variants' ``esma run``.
-VARIANT_ARGS: dict[str, tuple[str, ...]] = {"fresh-kernels": ("--fresh-kernels",)}
+VARIANT_ARGS: dict[str, tuple[str, ...]] = {"shared-kernel": ("--shared-kernel",)}
 #: Environment of the variants' ``esma run`` (added to this process's; ``""`` is unset for
 #: libgomp, and ``esma run`` keeps a value that is set).
 VARIANT_ENV: dict[str, dict[str, str]] = {
@@ -383,7 +383,7 @@ def breakdown(run_dir: Path, sampler: TreeSampler, run: Mapping[str, Any]) -> di
         }
     kernels = sorted(sampler.kernels.values(), key=lambda k: k.first)
     ran = [nb for nb in manifest.get("notebooks", []) if nb.get("ipynb")]
-    own_kernels = len(kernels) == len(ran)  # one kernel per notebook (esma run --fresh-kernels)
+    own_kernels = len(kernels) == len(ran)  # one kernel per notebook (the default; esma run --shared-kernel shares one)
     notebooks = []
     for i, nb in enumerate(ran):
         kernel = kernels[i] if own_kernels else None
@@ -736,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env=VARIANT_ENV.get(name),
             )
             rec["levers"] = lever_settings(vstudy)
-            rec["levers"]["shared_kernel"] = "--fresh-kernels" not in VARIANT_ARGS.get(name, ())
+            rec["levers"]["shared_kernel"] = "--shared-kernel" in VARIANT_ARGS.get(name, ())
             rec["levers"]["env"] = {
                 k: os.environ.get(k, "") for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")
             } | VARIANT_ENV.get(name, {})

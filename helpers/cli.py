@@ -342,9 +342,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the four notebooks of a study through papermill")
     p.add_argument("study", type=Path, help="study YAML file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--fresh-kernels", action="store_true",
-                   help="start a new kernel for each notebook instead of one shared kernel "
-                        "(slower; the shared kernel's namespace is cleared between notebooks)")
+    p.add_argument("--shared-kernel", action="store_true",
+                   help="run all notebooks in one kernel (its names deleted between them) "
+                        "instead of one kernel each: less start-up, more peak memory")
     p.add_argument("--show-output", action="store_true",
                    help="echo the notebooks' printed output while they run")
     p.set_defaults(func=_cmd_run)
@@ -384,7 +384,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     _passive_openmp_for_kernels()
     result = run_study(args.study, progress=not args.quiet, stream_output=args.show_output,
-                       fresh_kernels=args.fresh_kernels)
+                       shared_kernel=args.shared_kernel)
     return _report_run(result)
 
 

@@ -290,36 +290,47 @@ def test_run_study_exit_codes_and_failed_notebooks(tmp_path, example_dir, capsys
 
 
 def test_notebooks_share_one_kernel_but_never_each_others_variables(tmp_path, example_dir):
-    """One kernel for the run's notebooks (issue 19), its namespace cleared between them, and
-    shut down when the run ends; ``fresh_kernels`` gives each notebook its own."""
+    """``shared_kernel``: one kernel for the run's notebooks (issue 19), the notebooks' names
+    deleted between them, shut down when the run ends; by default each notebook has its own."""
     study = _tiny_study(tmp_path, example_dir)
     nbs = tmp_path / "nbs"
     nbs.mkdir()
     body = (
-        "import os, pathlib\n"
+        "import os, pathlib, sys\n"
         "seen = 'secret' in globals()\n"
         "secret = 42\n"
-        "pathlib.Path('{name}.txt').write_text(f'{{os.getpid()}} {{seen}} {{os.getcwd()}}')"
+        # what multiprocessing's spawn start method reads of the kernel's __main__
+        "spec = hasattr(sys.modules['__main__'], '__spec__')\n"
+        "pathlib.Path('{name}.txt').write_text(f'{{os.getpid()}} {{seen}} {{spec}} {{os.getcwd()}}')"
     )
     for name in ("first", "second", "third"):
         _notebook(nbs, name, body.format(name=name))
+    # a spawn pool in a later notebook of the shared kernel (the measure stage uses one)
+    _notebook(nbs, "pool", (
+        "import multiprocessing, concurrent.futures, pathlib\n"
+        "ctx = multiprocessing.get_context('spawn')\n"
+        "with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:\n"
+        "    pathlib.Path('pool.txt').write_text(str(pool.submit(abs, -7).result()))"
+    ))
 
     def kernels(result):
         rows = [(result.run_dir / f"{n}.txt").read_text().split() for n in ("first", "second",
                                                                               "third")]
         assert all(r[1] == "False" for r in rows)  # no notebook saw another's variable
-        assert all(Path(r[2]) == result.run_dir for r in rows)  # each ran in the run folder
+        assert all(r[2] == "True" for r in rows)  # the kernel's __main__ is intact
+        assert all(Path(r[3]) == result.run_dir for r in rows)  # each ran in the run folder
         return {int(r[0]) for r in rows}
 
-    shared = runner.run_study(study, notebooks=["first", "second", "third"], notebook_dir=nbs,
-                              progress=False)
-    assert shared.exit_code == 0
+    shared = runner.run_study(study, notebooks=["first", "second", "third", "pool"],
+                              notebook_dir=nbs, progress=False, shared_kernel=True)
+    assert shared.exit_code == 0, [nb.error for nb in shared.notebooks]
+    assert (shared.run_dir / "pool.txt").read_text() == "7"
     (pid,) = kernels(shared)
     assert pid != os.getpid()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
     fresh = runner.run_study(study, notebooks=["first", "second", "third"], notebook_dir=nbs,
-                             progress=False, fresh_kernels=True)
+                             progress=False)
     assert fresh.exit_code == 0
     assert len(kernels(fresh)) == 3
 
