@@ -17,10 +17,11 @@ A run (:func:`run_study`, ``esma run STUDY.yml``) goes:
    kernel; ``shared_kernel=True`` (``esma run --shared-kernel``) runs them all in one
    (:class:`SharedKernel`: started once, the notebooks' names deleted between them), which
    saves a kernel start and the imports per notebook but keeps the first notebook's memory
-   (torch) alive through the later stages: measured on the demo cohort it cut the notebooks'
-   overhead from 22.6 to 12.2 s, but the whole run was no faster (92.4 against 91.0 s) and the
-   process tree's peak memory rose from 1008 to 1467 MB (``benchmarks/bench_throughput.py``),
-   so it is not the default;
+   (torch) alive through the later stages.  Measured on the demo cohort in two invocations
+   (``benchmarks/bench_throughput.py``): the notebooks' overhead fell from 22.6 to 12.2 s and
+   from 22.8 to 9.8 s, the whole run went from 91.0 to 92.4 s and from 96.8 to 75.0 s (stage
+   times vary by several seconds between runs), and the process tree's peak memory rose from
+   about 1010 to 1467 MB; so it is offered, not the default;
 4. collect ``failures.csv`` (subject, stage, error) and ``excluded.csv`` (subject, reason), and
    write ``manifest.json`` and ``index.html`` (:mod:`helpers.provenance`).
 
