@@ -6,7 +6,8 @@ One command, CPU only, resumable (run it again with the same ``--work`` after an
     .venv/bin/python scripts/train_starter_model.py --work /scratch/esma-starter
 
 Steps: training cases (``helpers.synthseg``: phantom, MuscleMap-template, real-example and
-TotalSegmentator-example label maps rendered with random contrast, field of view, resolution, bias, noise and artefacts; plus
+TotalSegmentator-example label maps rendered with random contrast, field of view, resolution,
+bias, noise and artefacts; plus
 deformed copies of the real example image, ``helpers.trainset``) -> nnU-Net raw dataset, plan and
 preprocess (small 2d network, nnU-Net's ``NibabelIOWithReorient`` reader so that the storage
 orientation never matters) -> train one fold (checkpoints every few epochs) -> export zip ->
@@ -15,13 +16,15 @@ Dice come from ``benchmarks/bench_starter_model.py``.
 
 ``--leave-out musclemap_sample`` trains without anything derived from the MuscleMap sample scan
 (its image, its mask, and the phantoms, which are built from that mask): only the MuscleMap
-template's label map remains.  That model, scored on the sample, is the leave-one-source-out
+template's and the TotalSegmentator label maps remain.  That model, scored on the sample, is the leave-one-source-out
 check.  ``--leave-out totalseg`` trains without the label map derived from TotalSegmentator's
 MR example (the recipe of the starter model before that map existed), the matching check for
 that scan.
 
-The TotalSegmentator map does not split erector spinae from multifidus and has no quadratus
-lumborum: those voxels carry nnU-Net's ``ignore`` label (``TrainSettings.ignore_label``).
+TotalSegmentator does not split erector spinae from multifidus and labels no quadratus
+lumborum: its map splits the autochthon by position (``helpers.synthseg.split_autochthon``), and
+the band at that border and the unlabelled muscle beside the back muscles carry nnU-Net's
+``ignore`` label (``TrainSettings.ignore_label``).
 """
 
 from __future__ import annotations
