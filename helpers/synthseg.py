@@ -72,6 +72,7 @@ __all__ = [
     "RenderSpec",
     "body_mask",
     "derive_totalseg_labelmap",
+    "derive_totalseg_tissues",
     "example_labelmap",
     "make_case",
     "phantom_labelmap",
@@ -425,9 +426,7 @@ def derive_example_labelmap(image: NDArray, mask: NDArray, spacing: tuple[float,
     classes[other & (img >= q[0]) & (img < q[1])] = TISSUES["organ_mid"]
     classes[other & (img >= q[1]) & (img < q[2])] = TISSUES["organ_bright"]
     fat = other & (img >= q[2])
-    depth = ndi.distance_transform_edt(body, sampling=(spacing[0], spacing[1], 1e6))
-    classes[fat & (depth <= 30.0)] = TISSUES["subcutaneous_fat"]
-    classes[fat & (depth > 30.0)] = TISSUES["other_fat"]
+    _paint_fat(classes, fat, body, spacing)
     classes[muscle] = mask[muscle]
     return classes
 
@@ -452,6 +451,15 @@ def body_mask(image: NDArray) -> NDArray[np.bool_]:
     for k in range(body.shape[2]):
         body[:, :, k] = ndi.binary_fill_holes(body[:, :, k])
     return body
+
+
+def _paint_fat(classes: NDArray[np.uint8], fat: NDArray[np.bool_], body: NDArray[np.bool_],
+               spacing: tuple[float, float, float], subcutaneous_mm: float = 30.0) -> None:
+    """Fat voxels within ``subcutaneous_mm`` of the body outline (in-plane) as subcutaneous
+    fat, deeper ones as other fat, in place."""
+    depth = ndi.distance_transform_edt(body, sampling=(spacing[0], spacing[1], 1e6))
+    classes[fat & (depth <= subcutaneous_mm)] = TISSUES["subcutaneous_fat"]
+    classes[fat & (depth > subcutaneous_mm)] = TISSUES["other_fat"]
 
 
 #: TotalSegmentator ``total_mr`` class values (``totalsegmentator/map_to_binary.py``) and the
@@ -519,9 +527,7 @@ def derive_totalseg_labelmap(image: NDArray, seg: NDArray, spacing: tuple[float,
     other = body & ~labelled
     fat_cut = 0.5 * (float(np.median(img[back])) + float(np.percentile(img[body], 95)))
     fat = other & (img >= fat_cut)
-    depth = ndi.distance_transform_edt(body, sampling=(spacing[0], spacing[1], 1e6))
-    classes[fat & (depth <= 30.0)] = t["subcutaneous_fat"]
-    classes[fat & (depth > 30.0)] = t["other_fat"]
+    _paint_fat(classes, fat, body, spacing)
     near = ndi.distance_transform_edt(~(back | np.isin(seg, (19, 48, 49))),
                                       sampling=(spacing[0], spacing[1], 1e6)) <= margin_mm
     soft = other & ~fat
@@ -595,6 +601,23 @@ def upsample_classes(classes: NDArray, factor: tuple[float, float, float]) -> ND
         best[win] = ind[win]
         out[win] = value
     return out
+
+
+def derive_totalseg_tissues(image_path: str | Path, seg_path: str | Path
+                            ) -> tuple[NDArray[np.uint8], tuple[float, float, float]]:
+    """The shipped TotalSegmentator tissue map from its files: L-P-S,
+    :func:`derive_totalseg_labelmap` on the scan's grid, :func:`upsample_classes` to 1 mm
+    in-plane, then :func:`split_autochthon`.  Returns the classes and their spacing (mm)."""
+    from helpers.synthetic import reorient
+
+    image = reorient(nib.load(image_path), "LPS")
+    seg = reorient(nib.load(seg_path), "LPS")
+    sx, sy, sz = (float(z) for z in image.header.get_zooms()[:3])
+    classes = derive_totalseg_labelmap(np.asarray(image.dataobj, dtype=np.float32),
+                                       np.rint(np.asarray(seg.dataobj)).astype(np.int16),
+                                       (sx, sy, sz))
+    fine_spacing = (1.0, 1.0, sz)
+    return split_autochthon(upsample_classes(classes, (sx, sy, 1.0)), fine_spacing), fine_spacing
 
 
 def totalseg_labelmap() -> LabelMap:

@@ -375,8 +375,14 @@ def dataset_json_labels(labels: LabelTable, ignore: bool = False) -> dict[str, i
     for lab in sorted(labels.labels, key=lambda x: x.value):
         out[f"{lab.muscle}_{lab.side}" if lab.side else lab.muscle] = lab.value
     if ignore:
-        out["ignore"] = len(values) + 1
+        out["ignore"] = ignore_value(labels)
     return out
+
+
+def ignore_value(labels: LabelTable) -> int:
+    """The mask value of unknown voxels with ``TrainSettings.ignore_label``: one above the
+    declared labels (nnU-Net requires its ignore label to be the highest value)."""
+    return len(labels.values) + 1
 
 
 def _resolve_device(device: str) -> str:
@@ -491,7 +497,7 @@ def check_training_cases(cases: Sequence[TrainingCase], labels: LabelTable,
         try:
             present = set(map(int, np.unique(mask.data)))
             if ignore:
-                present.discard(len(labels.values) + 1)
+                present.discard(ignore_value(labels))
             labels.check_values(present, case.mask)
         except LabelError as exc:
             other.append(exc)

@@ -34,9 +34,7 @@ from helpers.synthseg import (
     EXAMPLE_DIR,
     LABELMAP_DIR,
     derive_example_labelmap,
-    derive_totalseg_labelmap,
-    split_autochthon,
-    upsample_classes,
+    derive_totalseg_tissues,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,14 +82,8 @@ def sample_tissues() -> None:
 
 def totalseg_tissues(shared: Path) -> None:
     src = shared / "data" / "totalseg_mr_example"
-    image = reorient(nib.load(src / "mr.nii.gz"), "LPS")
-    seg = reorient(nib.load(src / "mr_seg_total_mr.nii.gz"), "LPS")
-    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
-    classes = derive_totalseg_labelmap(np.asarray(image.dataobj, dtype=np.float32),
-                                       np.rint(np.asarray(seg.dataobj)).astype(np.int16), spacing)
-    factor = (spacing[0] / 1.0, spacing[1] / 1.0, 1.0)
-    fine = split_autochthon(upsample_classes(classes, factor), (1.0, 1.0, spacing[2]))
-    _save(fine, (1.0, 1.0, spacing[2]), LABELMAP_DIR / "totalseg_mr_tissues.nii.gz")
+    fine, spacing = derive_totalseg_tissues(src / "mr.nii.gz", src / "mr_seg_total_mr.nii.gz")
+    _save(fine, spacing, LABELMAP_DIR / "totalseg_mr_tissues.nii.gz")
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ from helpers.synthseg import (
     RenderSpec,
     derive_example_labelmap,
     derive_totalseg_labelmap,
+    derive_totalseg_tissues,
     example_labelmap,
     phantom_labelmap,
     render,
@@ -295,22 +296,25 @@ def test_totalseg_renderings_carry_back_muscles_psoas_and_unknown() -> None:
 @pytest.mark.skipif(not TOTALSEG.is_dir(), reason="needs ../shared/data/totalseg_mr_example")
 def test_shipped_totalseg_labelmap_matches_its_derivation() -> None:
     """data/labelmaps/totalseg_mr_tissues.nii.gz is what scripts/make_labelmaps.py derives."""
-    image = reorient(nib.load(TOTALSEG / "mr.nii.gz"), "LPS")
-    seg = reorient(nib.load(TOTALSEG / "mr_seg_total_mr.nii.gz"), "LPS")
-    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
-    derived = derive_totalseg_labelmap(np.asarray(image.dataobj, dtype=np.float32),
-                                       np.rint(np.asarray(seg.dataobj)).astype(np.int16), spacing)
-    fine = split_autochthon(upsample_classes(derived, (spacing[0], spacing[1], 1.0)),
-                            (1.0, 1.0, spacing[2]))
+    fine, spacing = derive_totalseg_tissues(TOTALSEG / "mr.nii.gz",
+                                            TOTALSEG / "mr_seg_total_mr.nii.gz")
     shipped = totalseg_labelmap()
     np.testing.assert_array_equal(fine, shipped.classes)
-    assert shipped.spacing == (1.0, 1.0, spacing[2])
+    assert shipped.spacing == spacing == (1.0, 1.0, 3.0)
     # sides: the right back muscles lie at larger world x (RAS+) than the left ones
     aff = nib.Nifti1Image(shipped.classes, shipped.affine())
     for right in (1, 3, 5, TISSUES["autochthon_right"]):
         left = right + 1
         assert _world_x(aff, shipped.classes, right) > _world_x(aff, shipped.classes, left)
-    # erector spinae + multifidus + band is TotalSegmentator's autochthon (upsampled)
+    # erector spinae + multifidus + band is TotalSegmentator's autochthon (upsampled, unsplit)
+    image = reorient(nib.load(TOTALSEG / "mr.nii.gz"), "LPS")
+    seg = reorient(nib.load(TOTALSEG / "mr_seg_total_mr.nii.gz"), "LPS")
+    unsplit = upsample_classes(
+        derive_totalseg_labelmap(np.asarray(image.dataobj, dtype=np.float32),
+                                 np.rint(np.asarray(seg.dataobj)).astype(np.int16),
+                                 (3.0, 3.0, 3.0)), (3.0, 3.0, 1.0))
+    assert not np.isin(unsplit, (1, 2, 3, 4)).any()
     back = np.isin(shipped.classes, (1, 2, 3, 4, TISSUES["autochthon_right"],
                                      TISSUES["autochthon_left"]))
-    np.testing.assert_array_equal(back, np.isin(fine, (1, 2, 3, 4, 24, 25)))
+    np.testing.assert_array_equal(back, np.isin(unsplit, (TISSUES["autochthon_right"],
+                                                          TISSUES["autochthon_left"])))
